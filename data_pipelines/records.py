@@ -141,3 +141,27 @@ class ImageRecord:
         return s
     raise KeyError(
         f"{self.dataset}: image {self.image_id} ({self.file_name}) has no segment {segment_id}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordMeta:
+  """What a mixture needs to know about an image without decoding any mask.
+
+  Readers build these from their annotation index (cheap), so sample-type eligibility
+  (e.g. "has an entity with parts", "has a relation") is decided without reading images.
+
+  Attributes:
+    image_id: the dataset's image id.
+    levels: the hierarchy levels annotated for this image.
+    num_segments: number of entities and stuff regions.
+    entities_with_parts: ids of segments that have at least one part.
+    num_relations: number of relations.
+    num_expressions: number of referring expressions.
+  """
+
+  image_id: int
+  levels: frozenset[str]
+  num_segments: int
+  entities_with_parts: tuple[int, ...] = ()
+  num_relations: int = 0
+  num_expressions: int = 0
