@@ -1,0 +1,101 @@
+"""Config validation, the registry contract and the main command's flags."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+import trainer_toy
+from hiseg_jax import config_validation
+from hiseg_jax import registry
+from hiseg_jax.train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_CONFIG = os.path.join(REPO, 'tests', 'trainer_toy.py')
+
+
+def _main(workdir, *flags):
+  return subprocess.run(
+      [sys.executable, '-m', 'hiseg_jax.main', '--config', TOY_CONFIG,
+       '--workdir', str(workdir), *flags],
+      env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+      timeout=60)
+
+
+def test_toy_config_is_valid():
+  config_validation.validate(trainer_toy.get_config(), ('model', 'data'))
+
+
+def test_unknown_top_level_key_fails_in_train_and_evaluate(tmp_path):
+  config = trainer_toy.get_config()
+  config.totl_steps = 5
+  with pytest.raises(ValueError, match=r'config\.totl_steps: unknown key'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_every_problem_is_listed():
+  # Built from a dict, as a config file could write it (ConfigDict's own type
+  # safety only guards later assignments).
+  raw = trainer_toy.get_config().to_dict()
+  raw['optim']['lr_muliplier'] = 0.1
+  raw['mesh']['model'] = 2
+  raw['total_steps'] = '10'
+  raw['async_checkpoints'] = 1
+  raw['eval_every'] = -1
+  raw['optim']['decay_steps'] = (1.5,)
+  del raw['log_every']
+  config = ml_collections.ConfigDict(raw)
+  with pytest.raises(ValueError) as error:
+    config_validation.validate(config, ('model', 'data'))
+  message = str(error.value)
+  for expected in ['config.optim.lr_muliplier: unknown key',
+                   'config.mesh.model: unknown key',
+                   "config.total_steps must be an int, got '10'",
+                   'config.async_checkpoints must be a bool, got 1',
+                   'config.eval_every must be >= 0, got -1',
+                   'config.optim.decay_steps must be a tuple of ints',
+                   'config.log_every: missing']:
+    assert expected in message
+
+
+def test_model_sections_come_from_the_spec():
+  config = trainer_toy.get_config()
+  with pytest.raises(ValueError, match=r'config\.data: unknown key'):
+    config_validation.validate(config, ('model',))
+  del config['model']
+  with pytest.raises(ValueError, match='config.model.name is missing'):
+    config_validation.model_name(config)
+
+
+def test_registry_errors():
+  with pytest.raises(KeyError, match="unknown model 'nope'.*trainer_toy"):
+    registry.get('nope')
+  with pytest.raises(ValueError, match='already registered'):
+    registry.register(trainer_toy.NAME, trainer_toy.SPEC)
+  with pytest.raises(TypeError, match='expected a ModelSpec'):
+    registry.register('other', {'build': None})
+  assert registry.get(trainer_toy.NAME) is trainer_toy.SPEC
+
+
+def test_main_rejects_unknown_override_and_wrong_type(tmp_path):
+  result = _main(tmp_path / 'a', '--config.totl_steps=5')
+  assert result.returncode != 0
+  assert 'totl_steps' in result.stderr and 'total_steps' in result.stderr
+  result = _main(tmp_path / 'b', '--config.total_steps=abc')
+  assert result.returncode != 0
+  assert '--config.total_steps=abc' in result.stderr
+  result = _main(tmp_path / 'c', '--config.optim.decay_steps=(1.5,)')
+  assert result.returncode != 0
+  assert 'config.optim.decay_steps must be a tuple of ints' in result.stderr
+  assert not os.path.exists(tmp_path / 'c')
+
+
+def test_main_runs_with_overrides(tmp_path):
+  result = _main(tmp_path, '--config.total_steps=3', '--config.eval_every=0',
+                 '--config.seed=5')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
+  assert sorted(os.listdir(tmp_path / 'eval')) == ['3']
