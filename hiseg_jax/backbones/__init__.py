@@ -1,0 +1,1 @@
+"""Image backbones returning multi-scale feature maps."""

@@ -1,0 +1,1 @@
+"""Reusable neural-network layers: attention, deformable attention, position encodings, MLPs."""
