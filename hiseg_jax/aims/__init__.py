@@ -1,0 +1,1 @@
+"""AIMS: mask prompt encoder, level decoders, TCM, association module, model, inference."""
