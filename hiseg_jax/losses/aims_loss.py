@@ -1,0 +1,318 @@
+"""The AIMS set criterion: Eq. 4 per level and decoder block, plus Eq. 8.
+
+For each level L in (part, entity, relation) and each decoder prediction (the
+auxiliary per-block outputs and the final one), the predictions are matched to
+the level's padded ground truth with the configured matcher on the
+Mask2Former cost (`hiseg_jax.matching.costs.mask_matching_cost`), then
+
+* objectness BCE (`objectness_loss`): matched queries target 1, the others 0
+  with weight `no_object_weight`;
+* mask BCE and dice on importance-sampled points (`sampled_mask_losses`),
+  summed over the matched ground truths and divided by `num_masks_L`, the number
+  of valid ground truths of level L in supervised samples over the whole (global)
+  batch, clamped >= 1 (Mask2Former's normaliser; it equals the number of matched
+  ground truths whenever Q >= N_L). Under jit with sharded arrays the sum is over
+  the global batch, so no collective is needed.
+
+Which samples supervise a level: `task_to_level` maps each AIMS sample type
+(Table 6: 1/4 entity, 2/5/7 part, 3/6/8 relation) to the one level decoder it
+trains; the other two decoders contribute no loss for that sample. A sample
+whose supervised region is empty contributes nothing. Task ids missing from the
+mapping supervise no level (the data layer validates task ids).
+
+Supervised region: `prompt/region` [B, H, W] (times `valid` [B, H, W] when the
+batch has it, so padding is never supervised). Matching and loss points are
+drawn uniformly inside it, so mask pixels outside it never count.
+
+Association (Eq. 8, `association_loss`): uses the final-block matches of both
+levels. Matching is a pure assignment, so it is computed for every level from
+`L/valid` alone, also in samples that do not supervise that level; this is
+required because each sample type trains one decoder only, and it is what lets
+`assoc/ep_valid` (`assoc/re_valid`) samples, whose annotations cover both
+levels, supervise the similarity of matched query pairs. The term is skipped
+when the model has no association module (`outputs` lacks `assoc_ep` /
+`assoc_re`).
+
+Randomness (documented so tests can re-derive the points):
+`level_keys = jax.random.split(rng, 3)` in the order part, entity, relation;
+`block_keys = jax.random.split(level_key, num_blocks)` over the blocks in the
+order `aux[0], ..., aux[-1], final`; `match_key, loss_key =
+jax.random.split(block_key)` feed `mask_matching_cost` and
+`sampled_mask_losses`.
+
+The blocks of a level are stacked (`[K, B, Q, h, w]`, one extra copy of the
+predicted masks) and processed one after the other by `jax.lax.map`, so compile
+time does not grow with the number of decoder blocks and the point-sampling
+buffers of only one block are live at a time; all predictions of a level must
+therefore share shapes.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from hiseg_jax.losses.association_loss import association_loss
+from hiseg_jax.losses.mask_losses import sampled_mask_losses
+from hiseg_jax.losses.objectness_loss import objectness_loss
+from hiseg_jax.matching import get_matcher
+from hiseg_jax.matching.costs import mask_matching_cost
+from hiseg_jax.matching.hungarian import matched_queries
+
+LEVELS = ("part", "entity", "relation")
+
+# AIMS Table 6: sample type -> the level decoder it supervises.
+AIMS_TASK_TO_LEVEL = {
+    1: "entity", 2: "part", 3: "relation",
+    4: "entity", 5: "part", 6: "relation",
+    7: "part", 8: "relation",
+}
+
+# (output key, ground-truth key, validity key, higher level, lower level).
+ASSOCIATIONS = (
+    ("assoc_ep", "assoc/ep", "assoc/ep_valid", "entity", "part"),
+    ("assoc_re", "assoc/re", "assoc/re_valid", "relation", "entity"),
+)
+
+_CONFIG_TYPES = {
+    "class_weight": (int, float),
+    "mask_weight": (int, float),
+    "dice_weight": (int, float),
+    "no_object_weight": (int, float),
+    "assoc_weight": (int, float),
+    "num_points": (int,),
+    "match_num_points": (int,),
+    "oversample_ratio": (int, float),
+    "importance_sample_ratio": (int, float),
+    "matcher": (str,),
+}
+
+
+def default_aims_loss_config() -> Dict[str, Any]:
+  """Returns the AIMS loss settings (Mask2Former/CropFormer defaults).
+
+  Returns:
+    Dict with `class_weight` 2, `mask_weight` 5, `dice_weight` 5,
+    `no_object_weight` 0.1, `assoc_weight` 1, `num_points` 12544 (loss points
+    per mask), `match_num_points` 12544 (matching points per image),
+    `oversample_ratio` 3, `importance_sample_ratio` 0.75 and `matcher`
+    "hungarian_host".
+  """
+  return {
+      "class_weight": 2.0,
+      "mask_weight": 5.0,
+      "dice_weight": 5.0,
+      "no_object_weight": 0.1,
+      "assoc_weight": 1.0,
+      "num_points": 12544,
+      "match_num_points": 12544,
+      "oversample_ratio": 3.0,
+      "importance_sample_ratio": 0.75,
+      "matcher": "hungarian_host",
+  }
+
+
+def check_aims_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+  """Validates a loss config (dict or ConfigDict) and returns a plain dict.
+
+  Args:
+    config: mapping with exactly the keys of `default_aims_loss_config()`.
+
+  Returns:
+    The settings as a dict.
+
+  Raises:
+    ValueError: on missing or unknown keys, wrong types or bad values.
+  """
+  keys = set(config.keys())
+  missing = sorted(set(_CONFIG_TYPES) - keys)
+  unknown = sorted(keys - set(_CONFIG_TYPES))
+  if missing or unknown:
+    raise ValueError(f"AIMS loss config: missing keys {missing}, unknown keys {unknown}; "
+                     f"expected exactly {sorted(_CONFIG_TYPES)}")
+  out = {}
+  for key, types in _CONFIG_TYPES.items():
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+      raise ValueError(f"AIMS loss config: {key} must be {'/'.join(t.__name__ for t in types)}, "
+                       f"got {value!r}")
+    out[key] = value
+  if out["num_points"] <= 0 or out["match_num_points"] <= 0:
+    raise ValueError(f"AIMS loss config: num_points and match_num_points must be > 0, got "
+                     f"{out['num_points']} and {out['match_num_points']}")
+  get_matcher(out["matcher"])
+  return out
+
+
+def _check_level_outputs(level: str, block: Mapping[str, Any], where: str,
+                         batch_size: int) -> None:
+  """Raises when one level prediction is not `logits [B, Q]` + `masks [B, Q, h, w]`."""
+  if "logits" not in block or "masks" not in block:
+    raise ValueError(f"aims_set_criterion: outputs[{level!r}]{where} needs 'logits' and "
+                     f"'masks'; got keys {sorted(block)}")
+  logits, masks = block["logits"], block["masks"]
+  if logits.ndim != 2 or masks.ndim != 4 or masks.shape[:2] != logits.shape \
+      or logits.shape[0] != batch_size:
+    raise ValueError(
+        f"aims_set_criterion: outputs[{level!r}]{where} must hold logits [B, Q] and masks "
+        f"[B, Q, h, w] with B={batch_size}; got {logits.shape} and {masks.shape}")
+
+
+def _supervised_region(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Returns `prompt/region` restricted to the image area `valid`, `[B, H, W]`."""
+  region = batch["prompt/region"].astype(jnp.float32)  # [B, H, W]
+  if region.ndim != 3:
+    raise ValueError(f"aims_set_criterion: batch['prompt/region'] must be [B, H, W], "
+                     f"got {region.shape}")
+  if "valid" in batch:
+    if batch["valid"].shape != region.shape:
+      raise ValueError(f"aims_set_criterion: batch['valid'] {batch['valid'].shape} and "
+                       f"batch['prompt/region'] {region.shape} must have equal shapes")
+    region = region * (batch["valid"] > 0.5)  # [B, H, W]
+  return region
+
+
+def _block_losses(
+    block_key: jax.Array,
+    logits: jax.Array,
+    masks: jax.Array,
+    *,
+    gt_masks: jax.Array,
+    gt_valid: jax.Array,
+    active: jax.Array,
+    num_masks: jax.Array,
+    region: jax.Array,
+    cfg: Mapping[str, Any],
+    matcher: Callable[[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]],
+) -> Tuple[Tuple[jax.Array, jax.Array, jax.Array], Tuple[jax.Array, jax.Array]]:
+  """Matches one decoder prediction of a level and computes its three losses."""
+  match_key, loss_key = jax.random.split(block_key)
+  cost = mask_matching_cost(
+      match_key, logits, masks, gt_masks, cfg["match_num_points"], cfg["class_weight"],
+      cfg["mask_weight"], cfg["dice_weight"], region=region)  # [B, Q, N]
+  pred_idx, matched = matcher(cost, gt_valid)  # [B, N], [B, N]
+  loss_obj = objectness_loss(
+      logits, matched_queries(pred_idx, matched, logits.shape[1]), active,
+      cfg["no_object_weight"])
+  aligned = jnp.take_along_axis(masks, pred_idx[:, :, None, None], axis=1)  # [B, N, h, w]
+  ce, dice = sampled_mask_losses(
+      loss_key, aligned, gt_masks, cfg["num_points"], cfg["oversample_ratio"],
+      cfg["importance_sample_ratio"], region=region)  # [B, N], [B, N]
+  keep = matched & active[:, None]  # [B, N]
+  loss_mask = jnp.where(keep, ce, 0.0).sum() / num_masks
+  loss_dice = jnp.where(keep, dice, 0.0).sum() / num_masks
+  return (loss_obj, loss_mask, loss_dice), (pred_idx, matched)
+
+
+def aims_set_criterion(
+    outputs: Mapping[str, Any],
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    config: Mapping[str, Any],
+    task_to_level: Mapping[int, str] = AIMS_TASK_TO_LEVEL,
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """AIMS training loss (Eq. 9 = Eq. 4 over levels and blocks + Eq. 8).
+
+  Args:
+    outputs: model outputs; for each level in `LEVELS` a dict with `logits`
+      `[B, Q]`, `masks` `[B, Q, h, w]` (stride 4) and `aux`, a list of such
+      dicts for the earlier decoder predictions (may be empty); optionally
+      `assoc_ep` `[B, Q_e, Q_p]` and `assoc_re` `[B, Q_r, Q_e]` similarity logits.
+    batch: data-contract batch: `L/masks` `[B, N_L, H/4, W/4]`, `L/valid`
+      `[B, N_L]` for each level, `assoc/ep` `[B, N_e, N_p]`, `assoc/re`
+      `[B, N_r, N_e]`, `assoc/ep_valid` `[B]`, `assoc/re_valid` `[B]`,
+      `prompt/region` `[B, H, W]`, optional `valid` `[B, H, W]`, `task` `[B]`.
+    rng: PRNG key for matching and loss points (split as the module says).
+    config: loss settings, see `default_aims_loss_config`.
+    task_to_level: sample type -> supervised level (the data layer's mapping).
+
+  Returns:
+    `(total, terms)`: the weighted total and unweighted scalar terms
+    `L/loss_obj`, `L/loss_mask`, `L/loss_dice` (final prediction),
+    `L/loss_aux` (weighted sum over the auxiliary predictions) per level and
+    `assoc/loss_ep`, `assoc/loss_re` when the model predicts associations.
+
+  Raises:
+    ValueError: on a bad config, unknown levels in `task_to_level`, or missing
+      / mis-shaped outputs or batch entries.
+  """
+  cfg = check_aims_loss_config(config)
+  bad_levels = sorted(set(task_to_level.values()) - set(LEVELS))
+  if bad_levels:
+    raise ValueError(f"aims_set_criterion: task_to_level names unknown levels {bad_levels}; "
+                     f"levels are {LEVELS}")
+  matcher = get_matcher(cfg["matcher"])
+  required = ["task", "prompt/region"] + [f"{level}/{field}" for level in LEVELS
+                                          for field in ("masks", "valid")]
+  required += [key for out_key, gt_key, valid_key, _, _ in ASSOCIATIONS if out_key in outputs
+               for key in (gt_key, valid_key)]
+  missing = [key for key in required if key not in batch]
+  if missing:
+    raise ValueError(f"aims_set_criterion: batch lacks {missing}; it has {sorted(batch)}")
+  region = _supervised_region(batch)  # [B, H, W]
+  batch_size = region.shape[0]
+  region_any = (region > 0.5).any(axis=(1, 2))  # [B]
+  task = batch["task"]  # [B]
+  if task.shape != (batch_size,):
+    raise ValueError(f"aims_set_criterion: batch['task'] must be [{batch_size}], got {task.shape}")
+
+  total = jnp.zeros((), jnp.float32)
+  terms = {}
+  final_matches = {}
+  for level, level_key in zip(LEVELS, jax.random.split(rng, len(LEVELS))):
+    if level not in outputs:
+      raise ValueError(f"aims_set_criterion: outputs lack level {level!r}; got {sorted(outputs)}")
+    level_out = outputs[level]
+    blocks = list(level_out.get("aux", ())) + [level_out]
+    for i, block in enumerate(blocks):
+      where = "" if i == len(blocks) - 1 else f"['aux'][{i}]"
+      _check_level_outputs(level, block, where, batch_size)
+    gt_masks = batch[f"{level}/masks"]  # [B, N, hg, wg]
+    gt_valid = batch[f"{level}/valid"].astype(jnp.bool_)  # [B, N]
+    if (gt_masks.ndim != 4 or gt_valid.shape != gt_masks.shape[:2]
+        or gt_masks.shape[0] != batch_size):
+      raise ValueError(f"aims_set_criterion: batch['{level}/masks'] {gt_masks.shape} and "
+                       f"batch['{level}/valid'] {gt_valid.shape} must be [B, N, h, w] and [B, N] "
+                       f"with B={batch_size}")
+    level_tasks = jnp.asarray([t for t, name in task_to_level.items() if name == level] or [-1],
+                              jnp.int32)  # [T]
+    active = (task[:, None] == level_tasks[None, :]).any(axis=1) & region_any  # [B]
+    supervised = gt_valid & active[:, None]  # [B, N]
+    num_masks = jnp.maximum(supervised.sum().astype(jnp.float32), 1.0)  # []
+    shapes = {(b["logits"].shape, b["masks"].shape) for b in blocks}
+    if len(shapes) != 1:
+      raise ValueError(f"aims_set_criterion: outputs[{level!r}] and its 'aux' predictions must "
+                       f"share shapes (logits, masks); got {sorted(shapes)}")
+    block_fn = functools.partial(
+        _block_losses, gt_masks=gt_masks, gt_valid=gt_valid, active=active,
+        num_masks=num_masks, region=region, cfg=cfg, matcher=matcher)
+    stacked_logits = jnp.stack([b["logits"] for b in blocks])  # [K, B, Q]
+    stacked_masks = jnp.stack([b["masks"] for b in blocks])  # [K, B, Q, h, w]
+    block_keys = jax.random.split(level_key, len(blocks))  # [K] keys
+    losses, matches = jax.lax.map(
+        lambda xs: block_fn(*xs), (block_keys, stacked_logits, stacked_masks))
+    loss_obj, loss_mask, loss_dice = losses  # [K] each
+    pred_idx, matched = matches  # [K, B, N] each
+    weighted = (cfg["class_weight"] * loss_obj + cfg["mask_weight"] * loss_mask
+                + cfg["dice_weight"] * loss_dice)  # [K]
+    total = total + weighted.sum()  # []
+    terms[f"{level}/loss_obj"] = loss_obj[-1]
+    terms[f"{level}/loss_mask"] = loss_mask[-1]
+    terms[f"{level}/loss_dice"] = loss_dice[-1]
+    terms[f"{level}/loss_aux"] = weighted[:-1].sum()
+    final_matches[level] = (pred_idx[-1], matched[-1])
+
+  for out_key, gt_key, valid_key, high, low in ASSOCIATIONS:
+    if out_key not in outputs:
+      continue
+    expected = (batch_size, outputs[high]["logits"].shape[1], outputs[low]["logits"].shape[1])
+    if outputs[out_key].shape != expected:
+      raise ValueError(f"aims_set_criterion: outputs[{out_key!r}] must be [B, Q_{high}, Q_{low}] "
+                       f"= {expected}, got {outputs[out_key].shape}")
+    loss_assoc = association_loss(
+        outputs[out_key], batch[gt_key], *final_matches[high], *final_matches[low],
+        batch[valid_key].astype(jnp.bool_))
+    terms[f"assoc/loss_{out_key[-2:]}"] = loss_assoc
+    total = total + cfg["assoc_weight"] * loss_assoc  # []
+  return total, terms

@@ -1,0 +1,315 @@
+"""Tests for hiseg_jax.losses: Mask2Former loss pieces against PyTorch transcriptions and
+the full AIMS set criterion against a torch + scipy transcription written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from hiseg_jax.losses.aims_loss import AIMS_TASK_TO_LEVEL
+from hiseg_jax.losses.aims_loss import LEVELS
+from hiseg_jax.losses.aims_loss import aims_set_criterion
+from hiseg_jax.losses.aims_loss import check_aims_loss_config
+from hiseg_jax.losses.aims_loss import default_aims_loss_config
+from hiseg_jax.losses.association_loss import association_loss
+from hiseg_jax.losses.mask_losses import dice_loss
+from hiseg_jax.losses.mask_losses import sampled_mask_losses
+from hiseg_jax.losses.mask_losses import sigmoid_ce_loss
+from hiseg_jax.losses.objectness_loss import objectness_loss
+from hiseg_jax.losses.point_sampling import get_uncertain_point_coords_with_randomness
+from hiseg_jax.losses.point_sampling import sample_uniform_points
+
+
+# Jitted samplers for the reference (eager op-by-op dispatch is slow on CPU).
+uniform_points = jax.jit(sample_uniform_points, static_argnums=(1, 2))
+uncertain_points = jax.jit(get_uncertain_point_coords_with_randomness, static_argnums=(2, 3, 4))
+
+
+def torch_point_sample(inputs, coords):
+  """PointRend point_sample: [N, C, H, W], [N, P, 2] -> [N, C, P]."""
+  return F.grid_sample(inputs, 2 * coords[:, :, None] - 1, align_corners=False)[..., 0]
+
+
+def torch_dice_loss(inputs, targets, num_masks):
+  """Mask2Former criterion.dice_loss, transcribed."""
+  inputs = inputs.sigmoid().flatten(1)
+  numerator = 2 * (inputs * targets).sum(-1)
+  denominator = inputs.sum(-1) + targets.sum(-1)
+  return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def torch_sigmoid_ce_loss(inputs, targets, num_masks):
+  """Mask2Former criterion.sigmoid_ce_loss, transcribed."""
+  loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+  return loss.mean(1).sum() / num_masks
+
+
+def torch_matcher_cost(logits, masks, gt_masks, coords, weights):
+  """Mask2Former HungarianMatcher cost for one image, sigmoid objectness."""
+  w_class, w_mask, w_dice = weights
+  out = torch_point_sample(masks[:, None], coords[None].expand(masks.shape[0], -1, -1))[:, 0]
+  tgt = torch_point_sample(gt_masks[:, None], coords[None].expand(gt_masks.shape[0], -1, -1))[:, 0]
+  pos = F.binary_cross_entropy_with_logits(out, torch.ones_like(out), reduction="none")
+  neg = F.binary_cross_entropy_with_logits(out, torch.zeros_like(out), reduction="none")
+  cost_mask = (pos @ tgt.T + neg @ (1 - tgt).T) / out.shape[1]
+  prob = out.sigmoid()
+  cost_dice = 1 - (2 * prob @ tgt.T + 1) / (prob.sum(-1)[:, None] + tgt.sum(-1)[None] + 1)
+  return w_mask * cost_mask + w_class * -logits.sigmoid()[:, None] + w_dice * cost_dice
+
+
+def test_point_losses_match_mask2former():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 40)).astype(np.float32) * 3
+  targets = rng.random((5, 40)).astype(np.float32)
+  targets[:3] = targets[:3] > 0.5
+  t_logits, t_targets = torch.from_numpy(logits), torch.from_numpy(targets)
+  np.testing.assert_allclose(float(sigmoid_ce_loss(logits, targets).sum()) / 3.0,
+                             float(torch_sigmoid_ce_loss(t_logits, t_targets, 3.0)), rtol=1e-5)
+  np.testing.assert_allclose(float(dice_loss(logits, targets).sum()) / 3.0,
+                             float(torch_dice_loss(t_logits, t_targets, 3.0)), rtol=1e-5)
+
+
+def test_sampled_mask_losses_match_mask2former_on_the_same_points():
+  rng = np.random.default_rng(1)
+  pred = rng.normal(size=(2, 3, 8, 8)).astype(np.float32) * 2
+  gt = (rng.random((2, 3, 16, 16)) > 0.5).astype(np.float32)  # another resolution on purpose
+  region = np.zeros((2, 32, 32), np.float32)
+  region[:, 4:30, 2:20] = 1
+  key = jax.random.PRNGKey(2)
+  ce, dice = jax.jit(lambda p, g, r: sampled_mask_losses(key, p, g, 30, 3.0, 0.75, region=r))(
+      pred, gt, region)
+  coords = np.array(uncertain_points(key, jnp.asarray(pred), 30, 3.0, 0.75,
+                                     jnp.asarray(region))).reshape(6, 30, 2)
+  t_coords = torch.from_numpy(coords)
+  labels = torch_point_sample(torch.from_numpy(gt.reshape(6, 1, 16, 16)), t_coords)[:, 0]
+  point_logits = torch_point_sample(torch.from_numpy(pred.reshape(6, 1, 8, 8)), t_coords)[:, 0]
+  np.testing.assert_allclose(float(ce.sum()), float(torch_sigmoid_ce_loss(point_logits, labels, 1)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(dice.sum()), float(torch_dice_loss(point_logits, labels, 1)),
+                             rtol=1e-5)
+
+
+def test_objectness_loss_matches_weighted_cross_entropy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(3, 6)).astype(np.float32)
+  matched = rng.random((3, 6)) > 0.6
+  active = np.array([1.0, 0.0, 1.0], np.float32)
+  got = float(objectness_loss(logits, matched, active, 0.1))
+  weight = np.where(matched, 1.0, 0.1) * active[:, None]
+  expected = F.binary_cross_entropy_with_logits(
+      torch.from_numpy(logits), torch.from_numpy(matched.astype(np.float32)),
+      weight=torch.from_numpy(weight.astype(np.float32)), reduction="sum") / weight.sum()
+  np.testing.assert_allclose(got, float(expected), rtol=1e-5)
+  assert float(objectness_loss(logits, matched, np.zeros(3, np.float32), 0.1)) == 0.0
+
+
+def test_association_loss_on_matched_pairs():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  gt = rng.random((2, 3, 4)) > 0.5
+  hi_idx, lo_idx = np.array([[4, 0, 2], [1, 3, 0]]), np.array([[5, 1, 0, 2], [0, 2, 4, 1]])
+  hi_ok = np.array([[True, True, False], [True, True, True]])
+  lo_ok = np.array([[True, False, True, True], [True, True, True, True]])
+  sample_ok = np.array([True, False])
+  got = float(association_loss(logits, gt, hi_idx, hi_ok, lo_idx, lo_ok, sample_ok))
+  terms = []
+  for i in range(3):
+    for j in range(4):
+      if hi_ok[0, i] and lo_ok[0, j]:
+        x, t = logits[0, hi_idx[0, i], lo_idx[0, j]], float(gt[0, i, j])
+        p = 1 / (1 + np.exp(-x))
+        terms.append(-(t * np.log(p) + (1 - t) * np.log(1 - p)))
+  np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+  assert float(association_loss(logits, gt, hi_idx, hi_ok, lo_idx, lo_ok, ~np.ones(2, bool))) == 0
+
+
+def test_config_validation():
+  cfg = default_aims_loss_config()
+  assert check_aims_loss_config(cfg) == cfg
+  with pytest.raises(ValueError, match=r"unknown keys \['eos_coef'\]"):
+    check_aims_loss_config({**cfg, "eos_coef": 0.1})
+  with pytest.raises(ValueError, match=r"missing keys \['dice_weight'\]"):
+    check_aims_loss_config({k: v for k, v in cfg.items() if k != "dice_weight"})
+  with pytest.raises(ValueError, match="num_points must be int"):
+    check_aims_loss_config({**cfg, "num_points": 12.5})
+  with pytest.raises(ValueError, match="unknown matcher"):
+    check_aims_loss_config({**cfg, "matcher": "auction"})
+
+
+# ---- the full criterion ----------------------------------------------------------------
+
+NUM_QUERIES = {"part": 6, "entity": 5, "relation": 4}
+NUM_GT = {"part": 4, "entity": 3, "relation": 2}
+BATCH, MASK, IMAGE = 4, 8, 32
+
+
+def make_case(seed=0):
+  rng = np.random.default_rng(seed)
+  outputs = {}
+  for level in LEVELS:
+    def block():
+      return {"logits": rng.normal(size=(BATCH, NUM_QUERIES[level])).astype(np.float32),
+              "masks": 3 * rng.normal(
+                  size=(BATCH, NUM_QUERIES[level], MASK, MASK)).astype(np.float32)}
+    outputs[level] = {**block(), "aux": [block()]}
+  outputs["assoc_ep"] = rng.normal(size=(BATCH, 5, 6)).astype(np.float32)
+  outputs["assoc_re"] = rng.normal(size=(BATCH, 4, 5)).astype(np.float32)
+  batch = {}
+  for level in LEVELS:
+    masks = rng.random((BATCH, NUM_GT[level], MASK, MASK)) > 0.6
+    batch[f"{level}/masks"] = masks.astype(np.float32)
+    valid = rng.random((BATCH, NUM_GT[level])) > 0.25
+    valid[:, 0] = True
+    batch[f"{level}/valid"] = valid
+  batch["assoc/ep"] = rng.random((BATCH, 3, 4)) > 0.5
+  batch["assoc/re"] = rng.random((BATCH, 2, 3)) > 0.5
+  batch["assoc/ep_valid"] = np.array([True, True, False, True])
+  batch["assoc/re_valid"] = np.array([True, False, True, False])
+  region = np.zeros((BATCH, IMAGE, IMAGE), np.float32)
+  region[0] = 1
+  region[1, 4:28, 8:32] = 1
+  region[2] = 1
+  region[3, 0:20, 0:16] = 1
+  batch["prompt/region"] = region
+  valid_image = np.ones((BATCH, IMAGE, IMAGE), np.float32)
+  valid_image[2, :, 24:] = 0  # padding on the right of sample 2
+  batch["valid"] = valid_image
+  batch["task"] = np.array([1, 5, 8, 7], np.int32)  # entity, part, relation, part
+  return outputs, batch
+
+
+def small_config(matcher="hungarian_host"):
+  cfg = default_aims_loss_config()
+  cfg.update(num_points=24, match_num_points=40, matcher=matcher, assoc_weight=0.5)
+  return cfg
+
+
+def reference_criterion(outputs, batch, rng, cfg):
+  """Torch + scipy transcription of the AIMS criterion (Mask2Former SetCriterion per level).
+
+  Random points are re-derived with the library's samplers and the documented key split.
+  """
+  region = batch["prompt/region"] * (batch["valid"] > 0.5)
+  region_any = (region > 0.5).any(axis=(1, 2))
+  weights = (cfg["class_weight"], cfg["mask_weight"], cfg["dice_weight"])
+  total, terms, final = 0.0, {}, {}
+  for level, level_key in zip(LEVELS, jax.random.split(rng, 3)):
+    blocks = outputs[level]["aux"] + [outputs[level]]
+    gt, valid = batch[f"{level}/masks"], batch[f"{level}/valid"]
+    tasks = [t for t, name in AIMS_TASK_TO_LEVEL.items() if name == level]
+    active = np.isin(batch["task"], tasks) & region_any
+    num_masks = max(float((valid & active[:, None]).sum()), 1.0)
+    aux = 0.0
+    for i, (blk, block_key) in enumerate(zip(blocks, jax.random.split(level_key, len(blocks)))):
+      match_key, loss_key = jax.random.split(block_key)
+      coords = np.array(uniform_points(match_key, cfg["match_num_points"], (BATCH,),
+                                       jnp.asarray(region)))
+      pred_idx = np.zeros(valid.shape, np.int64)
+      matched = np.zeros(valid.shape, bool)
+      for b in range(BATCH):
+        cost = torch_matcher_cost(
+            torch.from_numpy(blk["logits"][b]), torch.from_numpy(blk["masks"][b]),
+            torch.from_numpy(gt[b]), torch.from_numpy(coords[b]), weights).numpy()
+        cols = np.flatnonzero(valid[b])
+        rows, sel = linear_sum_assignment(cost[:, cols])
+        pred_idx[b, cols[sel]] = rows
+        matched[b, cols[sel]] = True
+      target = np.zeros(blk["logits"].shape, np.float32)
+      for b in range(BATCH):
+        target[b, pred_idx[b][matched[b]]] = 1
+      w = np.where(target > 0, 1.0, cfg["no_object_weight"]) * active[:, None]
+      loss_obj = float(F.binary_cross_entropy_with_logits(
+          torch.from_numpy(blk["logits"]), torch.from_numpy(target),
+          weight=torch.from_numpy(w.astype(np.float32)), reduction="sum")) / w.sum()
+      aligned = np.take_along_axis(blk["masks"], pred_idx[:, :, None, None], axis=1)
+      point_coords = np.array(uncertain_points(
+          loss_key, jnp.asarray(aligned), cfg["num_points"], cfg["oversample_ratio"],
+          cfg["importance_sample_ratio"], jnp.asarray(region)))
+      keep = matched & active[:, None]
+      src = torch.from_numpy(aligned[keep][:, None])
+      tgt = torch.from_numpy(gt[keep][:, None])
+      pc = torch.from_numpy(point_coords[keep])
+      point_logits = torch_point_sample(src, pc)[:, 0]
+      point_labels = torch_point_sample(tgt, pc)[:, 0]
+      loss_mask = float(torch_sigmoid_ce_loss(point_logits, point_labels, num_masks))
+      loss_dice = float(torch_dice_loss(point_logits, point_labels, num_masks))
+      weighted = weights[0] * loss_obj + weights[1] * loss_mask + weights[2] * loss_dice
+      total += weighted
+      if i == len(blocks) - 1:
+        terms.update({f"{level}/loss_obj": loss_obj, f"{level}/loss_mask": loss_mask,
+                      f"{level}/loss_dice": loss_dice})
+        final[level] = (pred_idx, matched)
+      else:
+        aux += weighted
+    terms[f"{level}/loss_aux"] = aux
+  for key, hi, lo in (("ep", "entity", "part"), ("re", "relation", "entity")):
+    logits, gt_assoc = outputs[f"assoc_{key}"], batch[f"assoc/{key}"]
+    ok = batch[f"assoc/{key}_valid"]
+    x, t = [], []
+    for b in range(BATCH):
+      for i in range(gt_assoc.shape[1]):
+        for j in range(gt_assoc.shape[2]):
+          if ok[b] and final[hi][1][b, i] and final[lo][1][b, j]:
+            x.append(logits[b, final[hi][0][b, i], final[lo][0][b, j]])
+            t.append(float(gt_assoc[b, i, j]))
+    loss = float(F.binary_cross_entropy_with_logits(torch.tensor(x), torch.tensor(t)))
+    terms[f"assoc/loss_{key}"] = loss
+    total += cfg["assoc_weight"] * loss
+  return total, terms
+
+
+def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised():
+  outputs, batch = make_case()
+  cfg = small_config()
+  rng = jax.random.PRNGKey(5)
+  (total, terms), grads = jax.jit(jax.value_and_grad(
+      lambda o: aims_set_criterion(o, batch, rng, cfg), has_aux=True))(outputs)
+  ref_total, ref_terms = reference_criterion(outputs, batch, rng, cfg)
+  assert set(terms) == set(ref_terms)
+  # float32 sums of a few hundred terms in a different order: rtol 1e-5.
+  for name, value in ref_terms.items():
+    np.testing.assert_allclose(float(terms[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
+
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  active = {"part": [1, 3], "entity": [0], "relation": [2]}
+  for level in LEVELS:
+    for grad in grads[level]["aux"] + [grads[level]]:
+      logit_grad = np.abs(np.asarray(grad["logits"]))  # [B, Q]
+      mask_grad = np.abs(np.asarray(grad["masks"])).sum(axis=(2, 3))  # [B, Q]
+      inactive = [b for b in range(BATCH) if b not in active[level]]
+      assert logit_grad[inactive].max() == 0 and mask_grad[inactive].max() == 0
+      assert logit_grad[active[level]].min() > 0  # every query of a supervised sample
+      for b in active[level]:
+        # Matched queries (one per valid ground truth) get mask gradient, the others none.
+        assert (mask_grad[b] > 0).sum() == int(batch[f"{level}/valid"][b].sum())
+  ep_grad = np.asarray(grads["assoc_ep"])
+  assert ep_grad[2].max() == 0  # assoc/ep_valid is False for sample 2
+  num_pairs = int(batch["entity/valid"][0].sum() * batch["part/valid"][0].sum())
+  assert (ep_grad[0] != 0).sum() == num_pairs  # one gradient entry per matched pair
+  re_grad = np.asarray(grads["assoc_re"])
+  assert re_grad[1].max() == 0 and re_grad[3].max() == 0  # assoc/re_valid False
+
+
+def test_criterion_without_association_module_and_bad_inputs():
+  outputs, batch = make_case(seed=2)
+  cfg = small_config(matcher="hungarian_device")
+  no_assoc = {k: v for k, v in outputs.items() if not k.startswith("assoc_")}
+  no_aux = {level: {"logits": no_assoc[level]["logits"], "masks": no_assoc[level]["masks"]}
+            for level in LEVELS}
+
+  def criterion(o, b, task_to_level=AIMS_TASK_TO_LEVEL):
+    return aims_set_criterion(o, b, jax.random.PRNGKey(0), cfg, task_to_level=task_to_level)
+
+  total, terms = jax.jit(criterion)(no_aux, batch)
+  assert "assoc/loss_ep" not in terms and float(terms["part/loss_aux"]) == 0.0
+  assert np.isfinite(float(total))
+  with pytest.raises(ValueError, match=r"outputs\['assoc_ep'\] must be"):
+    jax.eval_shape(criterion, {**outputs, "assoc_ep": outputs["assoc_re"]}, batch)
+  with pytest.raises(ValueError, match="prompt/region"):
+    jax.eval_shape(criterion, outputs, {k: v for k, v in batch.items() if k != "prompt/region"})
+  with pytest.raises(ValueError, match="unknown levels"):
+    jax.eval_shape(lambda o, b: criterion(o, b, {1: "object"}), outputs, batch)
