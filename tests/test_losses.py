@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from hiseg_jax.losses.aims_loss import AIMS_TASK_TO_LEVEL
+from hiseg_jax.losses.aims_loss import AIMS_TASK_SUPERVISION
 from hiseg_jax.losses.aims_loss import LEVELS
 from hiseg_jax.losses.aims_loss import aims_set_criterion
 from hiseg_jax.losses.aims_loss import check_aims_loss_config
@@ -198,8 +198,16 @@ def reference_criterion(outputs, batch, rng, cfg):
   total, terms, final = 0.0, {}, {}
   for level, level_key in zip(LEVELS, jax.random.split(rng, 3)):
     blocks = outputs[level]["aux"] + [outputs[level]]
-    gt, valid = batch[f"{level}/masks"], batch[f"{level}/valid"]
-    tasks = [t for t, name in AIMS_TASK_TO_LEVEL.items() if name == level]
+    # Per sample, the targets of the level the sample's type assigns to this decoder (type 8:
+    # entities for the relation decoder), all padded to the largest slot count involved.
+    supervision = [AIMS_TASK_SUPERVISION.get(int(t), (None, None)) for t in batch["task"]]
+    target_level = [tl if decoder == level else level for decoder, tl in supervision]
+    n = max(batch[f"{lv}/valid"].shape[1] for lv in set(target_level) | {level})
+    pad = lambda x: np.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    gt = np.stack([pad(batch[f"{lv}/masks"][b]) for b, lv in enumerate(target_level)])
+    valid = np.stack([pad(batch[f"{lv}/valid"][b]) for b, lv in enumerate(target_level)])
+    swapped = np.array([lv != level for lv in target_level])
+    tasks = [t for t, (d, _) in AIMS_TASK_SUPERVISION.items() if d == level]
     active = np.isin(batch["task"], tasks) & region_any
     num_masks = max(float((valid & active[:, None]).sum()), 1.0)
     aux = 0.0
@@ -241,7 +249,8 @@ def reference_criterion(outputs, batch, rng, cfg):
       if i == len(blocks) - 1:
         terms.update({f"{level}/loss_obj": loss_obj, f"{level}/loss_mask": loss_mask,
                       f"{level}/loss_dice": loss_dice})
-        final[level] = (pred_idx, matched)
+        own = batch[f"{level}/valid"].shape[1]
+        final[level] = (pred_idx[:, :own], matched[:, :own] & ~swapped[:, None])
       else:
         aux += weighted
     terms[f"{level}/loss_aux"] = aux
@@ -301,8 +310,9 @@ def test_criterion_without_association_module_and_bad_inputs():
   no_aux = {level: {"logits": no_assoc[level]["logits"], "masks": no_assoc[level]["masks"]}
             for level in LEVELS}
 
-  def criterion(o, b, task_to_level=AIMS_TASK_TO_LEVEL):
-    return aims_set_criterion(o, b, jax.random.PRNGKey(0), cfg, task_to_level=task_to_level)
+  def criterion(o, b, task_supervision=AIMS_TASK_SUPERVISION):
+    return aims_set_criterion(o, b, jax.random.PRNGKey(0), cfg,
+                              task_supervision=task_supervision)
 
   total, terms = jax.jit(criterion)(no_aux, batch)
   assert "assoc/loss_ep" not in terms and float(terms["part/loss_aux"]) == 0.0
@@ -312,4 +322,4 @@ def test_criterion_without_association_module_and_bad_inputs():
   with pytest.raises(ValueError, match="prompt/region"):
     jax.eval_shape(criterion, outputs, {k: v for k, v in batch.items() if k != "prompt/region"})
   with pytest.raises(ValueError, match="unknown levels"):
-    jax.eval_shape(lambda o, b: criterion(o, b, {1: "object"}), outputs, batch)
+    jax.eval_shape(lambda o, b: criterion(o, b, {1: ("object", "entity")}), outputs, batch)

@@ -4,7 +4,8 @@
 unique referring expressions) and writes them once, images shared, as COCO panoptic, COCO instances,
 PACO, Pascal-Panoptic-Parts, COCO-PSG and RefCOCO files (layout in `writers`), so the default run
 reads them through the same readers as the real datasets. `reader_kwargs` gives the reader
-arguments for each format and split.
+arguments for each format and split
+(`layout` the same with paths relative to the root).
 """
 
 from __future__ import annotations
@@ -32,6 +33,58 @@ def image_ids(num_train: int, num_val: int) -> dict[str, list[int]]:
           "val": list(range(num_train + 1, num_train + num_val + 1))}
 
 
+def layout(split: str) -> dict[str, dict[str, Any]]:
+  """Reader arguments (besides `name`) of each format for a split, paths relative to the root.
+
+  Keys ending in `_file` or `_root` are paths; `data_pipelines.dataset_config` joins them with a
+  dataset root, and configs use this to declare the synthetic default in `config.datasets`.
+
+  Args:
+    split: "train" or "val".
+
+  Returns:
+    {format name: kwargs} for `data_pipelines.readers.build_reader`, with relative paths.
+
+  Raises:
+    ValueError: for an unknown split.
+  """
+  if split not in writers.SPLITS:
+    raise ValueError(f"unknown synthetic split {split!r}; expected one of {writers.SPLITS}")
+  images = os.path.join("images", split)
+  return {
+      "coco_panoptic": {
+          "annotation_file": os.path.join("panoptic", f"panoptic_{split}.json"),
+          "panoptic_root": os.path.join("panoptic", f"panoptic_{split}"),
+          "image_root": images},
+      "coco_instances": {
+          "annotation_file": os.path.join("instances", f"instances_{split}.json"),
+          "image_root": images},
+      "paco": {"annotation_file": os.path.join("paco", f"paco_{split}.json"),
+               "image_root": images},
+      "pascal_panoptic_parts": {
+          "labels_root": os.path.join("ppp", "labels"), "image_root": images,
+          "split": writers.PPP_SPLITS[split], "image_ext": ".png",
+          "thing_sids": [taxonomy.CATEGORY_IDS[c] for c in taxonomy.THING_CLASSES]},
+      "psg": {"annotation_file": os.path.join("psg", "psg.json"), "image_root": "",
+              "split": writers.PSG_SPLITS[split]},
+      "refcoco": {"refs_file": os.path.join("refcoco", "refs(unc).p"),
+                  "instances_file": os.path.join("refcoco", "instances.json"),
+                  "image_root": "images", "split": split},
+  }
+
+
+def is_path_key(key: str) -> bool:
+  """Whether a reader argument of `layout` is a path (joined with the dataset root).
+
+  Args:
+    key: a reader keyword argument.
+
+  Returns:
+    True for keys ending in `_file` or `_root`.
+  """
+  return key.endswith(("_file", "_root"))
+
+
 def reader_kwargs(out: str, split: str) -> dict[str, dict[str, Any]]:
   """Constructor arguments (besides `name`) of each format's reader for a written split.
 
@@ -40,35 +93,15 @@ def reader_kwargs(out: str, split: str) -> dict[str, dict[str, Any]]:
     split: "train" or "val".
 
   Returns:
-    {format name: kwargs} for `data_pipelines.readers.build_reader`.
+    {format name: kwargs} for `data_pipelines.readers.build_reader`, with absolute paths.
 
   Raises:
     ValueError: for an unknown split.
   """
-  if split not in writers.SPLITS:
-    raise ValueError(f"unknown synthetic split {split!r}; expected one of {writers.SPLITS}")
   out = os.path.abspath(out)
-  images = os.path.join(out, "images", split)
-  return {
-      "coco_panoptic": {
-          "annotation_file": os.path.join(out, "panoptic", f"panoptic_{split}.json"),
-          "panoptic_root": os.path.join(out, "panoptic", f"panoptic_{split}"),
-          "image_root": images},
-      "coco_instances": {
-          "annotation_file": os.path.join(out, "instances", f"instances_{split}.json"),
-          "image_root": images},
-      "paco": {"annotation_file": os.path.join(out, "paco", f"paco_{split}.json"),
-               "image_root": images},
-      "pascal_panoptic_parts": {
-          "labels_root": os.path.join(out, "ppp", "labels"), "image_root": images,
-          "split": writers.PPP_SPLITS[split], "image_ext": ".png",
-          "thing_sids": [taxonomy.CATEGORY_IDS[c] for c in taxonomy.THING_CLASSES]},
-      "psg": {"annotation_file": os.path.join(out, "psg", "psg.json"), "image_root": out,
-              "split": writers.PSG_SPLITS[split]},
-      "refcoco": {"refs_file": os.path.join(out, "refcoco", "refs(unc).p"),
-                  "instances_file": os.path.join(out, "refcoco", "instances.json"),
-                  "image_root": os.path.join(out, "images"), "split": split},
-  }
+  return {fmt: {k: os.path.normpath(os.path.join(out, v)) if is_path_key(k) else v
+                for k, v in kwargs.items()}
+          for fmt, kwargs in layout(split).items()}
 
 
 def generate(out: str, num_train: int, num_val: int, image_size: int, seed: int) -> dict[str, Any]:

@@ -14,9 +14,13 @@ Mask2Former cost (`hiseg_jax.matching.costs.mask_matching_cost`), then
   ground truths whenever Q >= N_L). Under jit with sharded arrays the sum is over
   the global batch, so no collective is needed.
 
-Which samples supervise a level: `task_to_level` maps each AIMS sample type
-(Table 6: 1/4 entity, 2/5/7 part, 3/6/8 relation) to the one level decoder it
-trains; the other two decoders contribute no loss for that sample. A sample
+Which samples supervise a level: `task_supervision` maps each AIMS sample type
+to (the one level decoder it trains, the level of that decoder's targets)
+(Table 6: 1/4 entity, 2/5/7 part, 3/6 relation, each with its own level's
+targets; 8 the relation decoder with the two prompted *entities* as targets);
+the other two decoders contribute no loss for that sample. For a decoder whose
+samples draw targets from another level (type 8), the ground truth of those
+samples is taken from that level, both padded to the larger slot count. A sample
 whose supervised region is empty contributes nothing. Task ids missing from the
 mapping supervise no level (the data layer validates task ids).
 
@@ -29,7 +33,9 @@ levels. Matching is a pure assignment, so it is computed for every level from
 `L/valid` alone, also in samples that do not supervise that level; this is
 required because each sample type trains one decoder only, and it is what lets
 `assoc/ep_valid` (`assoc/re_valid`) samples, whose annotations cover both
-levels, supervise the similarity of matched query pairs. The term is skipped
+levels, supervise the similarity of matched query pairs. Samples whose decoder
+was matched against another level's targets (type 8) have no matches of their
+own level and add no association pairs. The term is skipped
 when the model has no association module (`outputs` lacks `assoc_ep` /
 `assoc_re`).
 
@@ -53,6 +59,7 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import jax
 import jax.numpy as jnp
 
+from data_pipelines import aims_mixture
 from hiseg_jax.losses.association_loss import association_loss
 from hiseg_jax.losses.mask_losses import sampled_mask_losses
 from hiseg_jax.losses.objectness_loss import objectness_loss
@@ -62,12 +69,9 @@ from hiseg_jax.matching.hungarian import matched_queries
 
 LEVELS = ("part", "entity", "relation")
 
-# AIMS Table 6: sample type -> the level decoder it supervises.
-AIMS_TASK_TO_LEVEL = {
-    1: "entity", 2: "part", 3: "relation",
-    4: "entity", 5: "part", 6: "relation",
-    7: "part", 8: "relation",
-}
+# AIMS Table 6: sample type -> (the level decoder it supervises, the level of its targets).
+# Type 8 ("two entities") supervises the relation decoder with the two entities' masks.
+AIMS_TASK_SUPERVISION = {t.id: (t.decoder, t.target_level) for t in aims_mixture.SAMPLE_TYPES}
 
 # (output key, ground-truth key, validity key, higher level, lower level).
 ASSOCIATIONS = (
@@ -205,12 +209,53 @@ def _block_losses(
   return (loss_obj, loss_mask, loss_dice), (pred_idx, matched)
 
 
+def _decoder_targets(batch: Mapping[str, jax.Array], decoder: str, task: jax.Array,
+                     task_supervision: Mapping[int, Tuple[str, str]]
+                     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The ground truth each sample's `decoder` predictions are matched against.
+
+  Samples of a type that supervises `decoder` with another level's targets (AIMS type 8:
+  relation decoder, entity targets) take that level's masks; all others take the decoder's own.
+
+  Args:
+    batch: the data-contract batch.
+    decoder: the level decoder.
+    task: int [B] sample types.
+    task_supervision: sample type -> (decoder, target level).
+
+  Returns:
+    (masks [B, N, h, w], valid bool [B, N], swapped bool [B]) with N the largest slot count of
+    the levels involved; `swapped` marks samples whose targets come from another level.
+  """
+  others = sorted({t for d, t in task_supervision.values() if d == decoder and t != decoder})
+  n = max(batch[f"{lv}/valid"].shape[1] for lv in [decoder] + others)
+
+  def padded(level):
+    masks = batch[f"{level}/masks"]  # [B, N_l, h, w]
+    valid = batch[f"{level}/valid"].astype(jnp.bool_)  # [B, N_l]
+    extra = n - valid.shape[1]
+    return (jnp.pad(masks, ((0, 0), (0, extra), (0, 0), (0, 0))),
+            jnp.pad(valid, ((0, 0), (0, extra))))  # [B, N, h, w], [B, N]
+
+  masks, valid = padded(decoder)
+  swapped = jnp.zeros(task.shape, jnp.bool_)  # [B]
+  for level in others:
+    tasks = jnp.asarray([t for t, (d, tl) in task_supervision.items()
+                         if d == decoder and tl == level], jnp.int32)  # [T]
+    sel = (task[:, None] == tasks[None, :]).any(axis=1)  # [B]
+    level_masks, level_valid = padded(level)
+    masks = jnp.where(sel[:, None, None, None], level_masks.astype(masks.dtype), masks)
+    valid = jnp.where(sel[:, None], level_valid, valid)
+    swapped = swapped | sel
+  return masks, valid, swapped
+
+
 def aims_set_criterion(
     outputs: Mapping[str, Any],
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
     config: Mapping[str, Any],
-    task_to_level: Mapping[int, str] = AIMS_TASK_TO_LEVEL,
+    task_supervision: Mapping[int, Tuple[str, str]] = AIMS_TASK_SUPERVISION,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """AIMS training loss (Eq. 9 = Eq. 4 over levels and blocks + Eq. 8).
 
@@ -225,7 +270,8 @@ def aims_set_criterion(
       `prompt/region` `[B, H, W]`, optional `valid` `[B, H, W]`, `task` `[B]`.
     rng: PRNG key for matching and loss points (split as the module says).
     config: loss settings, see `default_aims_loss_config`.
-    task_to_level: sample type -> supervised level (the data layer's mapping).
+    task_supervision: sample type -> (supervised decoder, level of its targets)
+      (the data layer's Table 6).
 
   Returns:
     `(total, terms)`: the weighted total and unweighted scalar terms
@@ -234,13 +280,13 @@ def aims_set_criterion(
     `assoc/loss_ep`, `assoc/loss_re` when the model predicts associations.
 
   Raises:
-    ValueError: on a bad config, unknown levels in `task_to_level`, or missing
+    ValueError: on a bad config, unknown levels in `task_supervision`, or missing
       / mis-shaped outputs or batch entries.
   """
   cfg = check_aims_loss_config(config)
-  bad_levels = sorted(set(task_to_level.values()) - set(LEVELS))
+  bad_levels = sorted({lv for pair in task_supervision.values() for lv in pair} - set(LEVELS))
   if bad_levels:
-    raise ValueError(f"aims_set_criterion: task_to_level names unknown levels {bad_levels}; "
+    raise ValueError(f"aims_set_criterion: task_supervision names unknown levels {bad_levels}; "
                      f"levels are {LEVELS}")
   matcher = get_matcher(cfg["matcher"])
   required = ["task", "prompt/region"] + [f"{level}/{field}" for level in LEVELS
@@ -268,15 +314,15 @@ def aims_set_criterion(
     for i, block in enumerate(blocks):
       where = "" if i == len(blocks) - 1 else f"['aux'][{i}]"
       _check_level_outputs(level, block, where, batch_size)
-    gt_masks = batch[f"{level}/masks"]  # [B, N, hg, wg]
-    gt_valid = batch[f"{level}/valid"].astype(jnp.bool_)  # [B, N]
-    if (gt_masks.ndim != 4 or gt_valid.shape != gt_masks.shape[:2]
-        or gt_masks.shape[0] != batch_size):
-      raise ValueError(f"aims_set_criterion: batch['{level}/masks'] {gt_masks.shape} and "
-                       f"batch['{level}/valid'] {gt_valid.shape} must be [B, N, h, w] and [B, N] "
-                       f"with B={batch_size}")
-    level_tasks = jnp.asarray([t for t, name in task_to_level.items() if name == level] or [-1],
-                              jnp.int32)  # [T]
+    for lv in {level} | {t for d, t in task_supervision.values() if d == level}:
+      if (batch[f"{lv}/masks"].ndim != 4 or batch[f"{lv}/masks"].shape[0] != batch_size
+          or batch[f"{lv}/valid"].shape != batch[f"{lv}/masks"].shape[:2]):
+        raise ValueError(f"aims_set_criterion: batch['{lv}/masks'] {batch[f'{lv}/masks'].shape} "
+                         f"and batch['{lv}/valid'] {batch[f'{lv}/valid'].shape} must be "
+                         f"[B, N, h, w] and [B, N] with B={batch_size}")
+    gt_masks, gt_valid, swapped = _decoder_targets(batch, level, task, task_supervision)
+    level_tasks = jnp.asarray(
+        [t for t, (d, _) in task_supervision.items() if d == level] or [-1], jnp.int32)  # [T]
     active = (task[:, None] == level_tasks[None, :]).any(axis=1) & region_any  # [B]
     supervised = gt_valid & active[:, None]  # [B, N]
     num_masks = jnp.maximum(supervised.sum().astype(jnp.float32), 1.0)  # []
@@ -301,7 +347,9 @@ def aims_set_criterion(
     terms[f"{level}/loss_mask"] = loss_mask[-1]
     terms[f"{level}/loss_dice"] = loss_dice[-1]
     terms[f"{level}/loss_aux"] = weighted[:-1].sum()
-    final_matches[level] = (pred_idx[-1], matched[-1])
+    own = batch[f"{level}/valid"].shape[1]
+    final_matches[level] = (pred_idx[-1][:, :own],
+                            matched[-1][:, :own] & ~swapped[:, None])  # [B, N_L] x 2
 
   for out_key, gt_key, valid_key, high, low in ASSOCIATIONS:
     if out_key not in outputs:

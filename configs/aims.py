@@ -1,0 +1,128 @@
+"""AIMS configs: `configs/aims.py:r50` (the paper's architecture) and `configs/aims.py:runlocal`.
+
+    python -m hiseg_jax.main --config configs/aims.py:runlocal --workdir W
+
+`runlocal` trains every AIMS module (ResNet, deformable pixel decoder, MPE, three level decoders
+with TCM and AM) at small sizes on the synthetic dataset that the trainer generates into
+`W/data/synthetic`; `r50` is the paper's model (ResNet-50, 6 deformable encoder layers, 9 blocks
+per decoder, 256-d, 100 queries per level) with the paper's schedule (36k steps, ×0.1 at 28k and
+33k). Point `data_root` (or each `datasets.<name>.root`) at real data to train on it.
+
+Ablations of AIMS Table 3a: `--config.model.use_mpe=False`, `use_tcm`, `use_am`.
+"""
+
+import ml_collections
+
+from data_pipelines import dataset_config
+from hiseg_jax import config_validation
+
+# Training datasets by AIMS Table 6 name -> reader format of the synthetic layout.
+_TRAIN_DATASETS = {
+    "coco": "coco_panoptic",
+    "entityseg": "coco_instances",
+    "ppp": "pascal_panoptic_parts",
+    "paco": "paco",
+    "psg": "psg",
+}
+
+
+def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
+  """Returns the AIMS config of a variant.
+
+  Args:
+    arg: "runlocal" or "r50".
+
+  Returns:
+    The ConfigDict (trainer keys from `config_validation.base_config` plus the AIMS sections).
+
+  Raises:
+    ValueError: for an unknown variant.
+  """
+  if arg not in ("runlocal", "r50"):
+    raise ValueError(f"configs/aims.py: unknown variant {arg!r}; use 'runlocal' or 'r50'")
+  runlocal = arg == "runlocal"
+  config = config_validation.base_config()
+
+  config.image_size = 128 if runlocal else 1024
+  # '' generates the synthetic default into W/data/synthetic; a path uses data in that layout.
+  config.data_root = ""
+  config.synthetic = ml_collections.ConfigDict({
+      "num_train": 1000, "num_val": 100, "image_size": 128, "seed": 0})
+
+  config.datasets = ml_collections.ConfigDict()
+  for name, fmt in _TRAIN_DATASETS.items():
+    config.datasets[name] = dataset_config.synthetic_entry(fmt, "train")
+  config.datasets.ppp_val = dataset_config.synthetic_entry("pascal_panoptic_parts", "val")
+  config.datasets.psg_val = dataset_config.synthetic_entry("psg", "val")
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "aims"
+  config.model.backbone = ml_collections.ConfigDict({
+      "depths": (1, 1, 1, 1) if runlocal else (3, 4, 6, 3),
+      "widths": (16, 32, 64, 128) if runlocal else (64, 128, 256, 512),
+      "stem_width": 16 if runlocal else 64,
+      "norm": "frozen_bn",
+  })
+  config.model.pixel_decoder = ml_collections.ConfigDict({
+      "conv_dim": 64 if runlocal else 256,
+      "mask_dim": 64 if runlocal else 256,
+      "num_encoder_layers": 2 if runlocal else 6,
+      "ffn_dim": 128 if runlocal else 1024,
+      "num_heads": 4 if runlocal else 8,
+      "num_points": 4,
+      "norm_groups": 8 if runlocal else 32,
+  })
+  config.model.num_queries = (24, 16, 12) if runlocal else (100, 100, 100)
+  config.model.hidden_dim = 64 if runlocal else 256
+  config.model.num_heads = 4 if runlocal else 8
+  config.model.ffn_dim = 256 if runlocal else 2048
+  config.model.dec_layers = 3 if runlocal else 9
+  config.model.pre_norm = False
+  config.model.dropout = 0.0
+  config.model.use_mpe = True
+  config.model.use_tcm = True
+  config.model.use_am = True
+  config.model.assoc_dim = 64 if runlocal else 256
+  config.model.mpe_hidden_dims = (4, 16)
+
+  config.loss = ml_collections.ConfigDict({
+      "class_weight": 2.0,
+      "mask_weight": 5.0,
+      "dice_weight": 5.0,
+      "no_object_weight": 0.1,
+      "assoc_weight": 1.0,
+      "num_points": 1024 if runlocal else 12544,
+      "match_num_points": 1024 if runlocal else 12544,
+      "oversample_ratio": 3.0,
+      "importance_sample_ratio": 0.75,
+      "matcher": "hungarian_host",
+  })
+
+  config.input = ml_collections.ConfigDict({
+      "eval_batch_size": 8,
+      "scale_range": (0.75, 1.25) if runlocal else (0.1, 2.0),
+      "flip_prob": 0.5,
+      "max_parts": 24 if runlocal else 100,
+      "max_entities": 16 if runlocal else 100,
+      "max_relations": 12 if runlocal else 100,
+      "strict_maxima": False,
+      "sample_types": (1, 2, 3, 4, 5, 6, 7, 8),
+      "num_workers": 0,
+  })
+
+  config.eval = ml_collections.ConfigDict({
+      "top_k": 100,
+      "entity_part": "ppp_val",
+      "relation_entity": "psg_val",
+  })
+
+  config.batch_size = 8 if runlocal else 64
+  if runlocal:
+    config.total_steps = 3000
+    config.log_every = 50
+    config.eval_every = 0
+    config.checkpoint_every = 500
+    config.optim.lr = 3e-4
+    config.optim.warmup_steps = 100
+    config.optim.decay_steps = (2400, 2800)
+  return config

@@ -1,0 +1,226 @@
+"""AIMS evaluation: class-agnostic mask AP per level and association AR@100 (AIMS Sec. 4).
+
+Federated evaluation as in the paper: two subsets, each annotated at two levels,
+  entity–part (`config.eval.entity_part`, a Pascal-Panoptic-Parts style dataset): AP_part,
+    AP_entity and AR_ep;
+  relation–entity (`config.eval.relation_entity`, a COCO-PSG style dataset): AP_relation,
+    AP_entity_re (entity AP on that subset) and AR_re.
+Every image is run once with the full-image prompt (one-step inference,
+`hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level); the kept masks are cut
+to the image's window of the canvas and resized (nearest) to the original image size.
+
+Files, under `W/eval/<step>/`: for each subset `<subset>/<level>_gt.json` (class-agnostic COCO
+ground truth, `eval.writers.class_agnostic_ground_truth`) and `<subset>/<level>_results.json`
+(COCO results, RLE masks, category 1), and `metrics.json` with AP/AP50/AP75 per level and AR_ep,
+AR_re (percentages). AP is pycocotools' segm AP (IoU .50:.95, maxDets 100) with every category
+set to 1; AR is `eval.association.association_recall` (its docstring has the definition), pair
+scores = association probability × both mask scores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+import tqdm
+
+from data_pipelines import dataset_config
+from data_pipelines import pipeline
+from data_pipelines import records as records_lib
+from eval import association
+from eval import coco_eval
+from eval import writers
+from hiseg_jax.train import sharding
+
+# Subset name -> (config.eval key, the two levels (higher, lower), association output key).
+SUBSETS = {
+    'entity_part': ('entity_part', ('entity', 'part'), 'assoc_ep'),
+    'relation_entity': ('relation_entity', ('relation', 'entity'), 'assoc_re'),
+}
+
+
+def valid_window(orig_size: np.ndarray, canvas: int) -> np.ndarray:
+  """The canvas window an image occupies under the evaluation geometry.
+
+  Args:
+    orig_size: int [B, 2] original (H, W).
+    canvas: canvas side S.
+
+  Returns:
+    int32 [B, 2] (round(H·s), round(W·s)) with s = S / max(H, W).
+  """
+  orig = np.asarray(orig_size, np.float64)  # [B, 2]
+  scale = canvas / np.maximum(orig.max(axis=1, keepdims=True), 1)  # [B, 1]
+  return np.clip(np.round(orig * scale), 1, canvas).astype(np.int32)  # [B, 2]
+
+
+def to_original(masks: np.ndarray, window: Sequence[int], size: Sequence[int]) -> np.ndarray:
+  """Cuts canvas masks to the image window and resizes them to the original size.
+
+  Args:
+    masks: bool [K, S, S].
+    window: (h, w) valid window at the canvas' top left.
+    size: original (H, W).
+
+  Returns:
+    bool [K, H, W].
+  """
+  h, w = int(window[0]), int(window[1])
+  out = np.zeros((masks.shape[0], int(size[0]), int(size[1])), bool)  # [K, H, W]
+  for k, m in enumerate(masks[:, :h, :w]):
+    img = Image.fromarray(m.astype(np.uint8) * 255).resize((int(size[1]), int(size[0])),
+                                                           Image.NEAREST)
+    out[k] = np.asarray(img) > 127
+  return out
+
+
+def association_ground_truth(record: records_lib.ImageRecord, levels: Sequence[str]
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Ground-truth masks and pairs of one image for a pair of levels.
+
+  Entity–part: every non-crowd segment and every part, paired by `parent_id`. Relation–entity:
+  one union mask per related unordered (subject, object) pair, in first-appearance order as in
+  `writers.class_agnostic_ground_truth`, paired with both its entities.
+
+  Args:
+    record: the image.
+    levels: ('entity', 'part') or ('relation', 'entity').
+
+  Returns:
+    (high bool [Gh, H, W], low bool [Gl, H, W], pairs int [K, 2]).
+  """
+  hw = (record.height, record.width)
+  if tuple(levels) == ('entity', 'part'):
+    entities = [s for s in record.segments if not s.iscrowd]
+    row = {s.id: i for i, s in enumerate(entities)}
+    pairs = [(row[p.parent_id], j) for j, p in enumerate(record.parts) if p.parent_id in row]
+    high = [s.mask for s in entities]
+    low = [p.mask for p in record.parts]
+  else:
+    row = {s.id: i for i, s in enumerate(record.segments)}
+    high, pairs, seen = [], [], set()
+    for r in record.relations:
+      key = frozenset((r.subject_id, r.object_id))
+      if key in seen:
+        continue
+      seen.add(key)
+      pairs += [(len(high), row[r.subject_id]), (len(high), row[r.object_id])]
+      high.append(record.segment(r.subject_id).mask | record.segment(r.object_id).mask)
+    low = [s.mask for s in record.segments]
+  stack = lambda ms: np.stack(ms) if ms else np.zeros((0,) + hw, bool)
+  return stack(high), stack(low), np.asarray(pairs, np.int64).reshape(-1, 2)
+
+
+def _predict_fn(module, config: ml_collections.ConfigDict):
+  """The jitted one-step inference of a batch."""
+  from hiseg_jax.aims import inference  # pylint: disable=g-import-not-at-top
+  from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def predict(variables, batch, window):
+    outputs = spec.apply_model(module, variables, batch, train=False)
+    return inference.one_step(outputs, window, top_k=config.eval.top_k)
+  return predict
+
+
+def _evaluate_subset(predict, variables, config, sources, dataset_name: str,
+                     levels: Sequence[str], assoc_key: str, out_dir: str, mesh
+                     ) -> Dict[str, float]:
+  """Runs one subset and scores it."""
+  from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
+  source = sources[dataset_name]
+  built = pipeline.build_eval_pipeline(spec.input_section(config), sources, dataset_name)
+  by_id = {}
+  for i in range(len(source)):
+    by_id[int(source.meta(i).image_id)] = i
+  results = {level: [] for level in levels}
+  records, assoc_images = [], []
+  batch_sharding = sharding.batch_sharding(mesh)
+  for host_batch in tqdm.tqdm(iter(built.dataset), total=built.num_batches,
+                              desc=f'eval {dataset_name}', leave=False):
+    inputs = {k: host_batch[k] for k in ('image', 'prompt/mask')}
+    inputs['window'] = valid_window(host_batch['orig_size'], config.image_size)  # [B, 2]
+    inputs = sharding.global_batch(inputs, batch_sharding, built.host_batch_size)
+    pred = predict(variables, inputs, inputs.pop('window'))
+    pred = jax.tree.map(np.asarray, multihost_utils.process_allgather(pred, tiled=True))
+    ids = multihost_utils.process_allgather(host_batch['image_id'], tiled=True)
+    sizes = multihost_utils.process_allgather(host_batch['orig_size'], tiled=True)
+    windows = valid_window(sizes, config.image_size)
+    for b, image_id in enumerate(np.asarray(ids)):
+      if image_id < 0:
+        continue
+      record = source[by_id[int(image_id)]]
+      records.append(record)
+      masks = {}
+      for level in levels:
+        masks[level] = to_original(pred[level]['masks'][b], windows[b], sizes[b])  # [K, H, W]
+        results[level] += writers.coco_instance_results(
+            int(image_id), masks[level], pred[level]['scores'][b], np.ones(len(masks[level])))
+      if assoc_key in pred:
+        gt_high, gt_low, gt_pairs = association_ground_truth(record, levels)
+        pairs, scores = association.pair_scores(pred[assoc_key][b],
+                                                pred[levels[0]]['scores'][b],
+                                                pred[levels[1]]['scores'][b])
+        assoc_images.append(association.AssociationImage(
+            gt_high, gt_low, gt_pairs, masks[levels[0]], masks[levels[1]], pairs, scores))
+  metrics = {}
+  for level in levels:
+    gt = writers.class_agnostic_ground_truth(records, level)
+    gt_path = os.path.join(out_dir, f'{level}_gt.json')
+    res_path = os.path.join(out_dir, f'{level}_results.json')
+    if jax.process_index() == 0:
+      writers.write_json(gt_path, gt)
+      writers.write_json(res_path, results[level])
+    stats = coco_eval.coco_evaluate(gt, results[level], 'segm', class_agnostic_eval=True,
+                                    gt_name=gt_path, results_name=res_path)
+    for name in ('AP', 'AP50', 'AP75'):
+      metrics[f'{name}_{level}'] = 100.0 * stats[name]
+  if assoc_images:
+    metrics['AR'] = association.association_recall(assoc_images)['AR']
+  return metrics
+
+
+def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir: str, step: int,
+             mesh: jax.sharding.Mesh) -> Dict[str, float]:
+  """Evaluates AIMS on both subsets and writes `W/eval/<step>/`.
+
+  Args:
+    module: the AIMSModel.
+    variables: its variables.
+    config: the run config (`config.eval`, `config.datasets`, `config.input`).
+    workdir: the run directory.
+    step: the training step (names the output folder).
+    mesh: the device mesh (the batch is split over all its axes).
+
+  Returns:
+    {'AP_part', 'AP50_part', 'AP75_part', 'AP_entity', 'AP50_entity', 'AP75_entity', 'AR_ep',
+    'AP_relation', 'AP50_relation', 'AP75_relation', 'AP_entity_re', 'AP50_entity_re',
+    'AP75_entity_re', 'AR_re'} in percent; the keys of a subset whose dataset is '' are absent.
+  """
+  from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
+  out_root = os.path.join(workdir, 'eval', str(step))
+  names = [config.eval[key] for key, _, _ in SUBSETS.values() if config.eval[key]]
+  sources = dataset_config.build_sources(config.datasets, names, spec.data_root(config, workdir))
+  predict = _predict_fn(module, config)
+  metrics: Dict[str, float] = {}
+  for subset, (key, levels, assoc_key) in SUBSETS.items():
+    if not config.eval[key]:
+      continue
+    m = _evaluate_subset(predict, variables, config, sources, config.eval[key], levels,
+                         assoc_key, os.path.join(out_root, subset), mesh)
+    suffix = '' if subset == 'entity_part' else '_re'
+    for name, value in m.items():
+      if name == 'AR':
+        metrics['AR_ep' if subset == 'entity_part' else 'AR_re'] = value
+      elif name.endswith('_entity'):
+        metrics[name + suffix] = value
+      else:
+        metrics[name] = value
+  if jax.process_index() == 0:
+    writers.write_json(os.path.join(out_root, 'metrics.json'), metrics)
+  return metrics

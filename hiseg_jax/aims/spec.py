@@ -1,0 +1,197 @@
+"""Registers AIMS with the trainer (`config.model.name = 'aims'`, configs/aims.py).
+
+What the one trainer needs from AIMS (hiseg_jax/registry.py): the module built from
+`config.model`, the set criterion of `hiseg_jax.losses.aims_loss` on the mixture batches of
+`data_pipelines.pipeline`, the training iterator over the datasets of AIMS Table 6, and the
+evaluation of `eval.aims_eval`.
+"""
+
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines import aims_mixture
+from data_pipelines import dataset_config
+from data_pipelines import pipeline
+from data_pipelines import synthetic
+from hiseg_jax import registry
+from hiseg_jax.aims.model import AIMSModel
+from hiseg_jax.aims.model import build_aims_model
+from hiseg_jax.losses.aims_loss import aims_set_criterion
+
+# ImageNet statistics in 0..255 (torchvision / detectron2 convention).
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+SYNTHETIC_DONE = 'DONE'
+
+
+def build(config: ml_collections.ConfigDict) -> AIMSModel:
+  """Builds the AIMS module from `config.model` (strict keys, see `build_aims_model`).
+
+  Args:
+    config: the run config.
+
+  Returns:
+    The AIMSModel with its backbone and pixel decoder.
+  """
+  return build_aims_model(config.model)
+
+
+def init_inputs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Example inputs for `module.init`.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    {'image': float32 [1, S, S, 3], 'prompt_mask': float32 [1, S, S], 'train': False}.
+  """
+  s = config.image_size
+  return {'image': np.zeros((1, s, s, 3), np.float32),
+          'prompt_mask': np.ones((1, s, s), np.float32), 'train': False}
+
+
+def normalize_image(image: jax.Array) -> jax.Array:
+  """uint8 [B, H, W, 3] -> float32 normalised with the ImageNet statistics.
+
+  Args:
+    image: uint8 or float [B, H, W, 3] in 0..255.
+
+  Returns:
+    float32 [B, H, W, 3].
+  """
+  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)  # [3]
+  std = jnp.asarray(PIXEL_STD, jnp.float32)  # [3]
+  return (image.astype(jnp.float32) - mean) / std  # [B, H, W, 3]
+
+
+def apply_model(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array],
+                train: bool, rng: jax.Array = None) -> Dict[str, Any]:
+  """Runs the model on a data-contract batch (image and prompt mask).
+
+  Args:
+    module: the AIMSModel.
+    variables: {'params': ..., other collections}.
+    batch: with 'image' uint8 [B, S, S, 3] and 'prompt/mask' [B, S, S].
+    train: training mode.
+    rng: dropout key (training only).
+
+  Returns:
+    The model's output dict.
+  """
+  rngs = {'dropout': rng} if rng is not None else {}
+  return module.apply(variables, normalize_image(batch['image']),
+                      batch['prompt/mask'].astype(jnp.float32), train=train, rngs=rngs)
+
+
+def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+            config: ml_collections.ConfigDict, train: bool
+            ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """AIMS loss (Eq. 9) of a mixture batch.
+
+  Args:
+    module: the AIMSModel.
+    variables: {'params': ..., other collections}.
+    batch: the global batch (data contract).
+    rng: the step's key.
+    config: the run config (`config.loss`).
+    train: training mode.
+
+  Returns:
+    (loss, per-term scalars, plus the number of truncated instances per level).
+  """
+  dropout_rng, loss_rng = jax.random.split(rng)
+  outputs = apply_model(module, variables, batch, train, dropout_rng)
+  loss, terms = aims_set_criterion(outputs, batch, loss_rng, config.loss.to_dict())
+  truncated = jnp.sum(batch['stats/truncated'], axis=0)  # [3]
+  for i, level in enumerate(('part', 'entity', 'relation')):
+    terms[f'{level}/truncated'] = truncated[i].astype(jnp.float32)
+  return loss, terms
+
+
+def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The default dataset root: `config.data_root`, or the synthetic dataset in the workdir.
+
+  The synthetic dataset is generated on first use into `workdir/data/synthetic` (process 0;
+  the others wait) and marked complete with a `DONE` file, so a run killed while generating
+  regenerates it.
+
+  Args:
+    config: the run config.
+    workdir: the run's directory.
+
+  Returns:
+    The root path.
+
+  Raises:
+    FileNotFoundError: when `config.data_root` does not exist.
+  """
+  if config.data_root:
+    if not os.path.isdir(config.data_root):
+      raise FileNotFoundError(f'config.data_root {config.data_root!r} is not a directory')
+    return config.data_root
+  root = os.path.join(workdir, 'data', 'synthetic')
+  done = os.path.join(root, SYNTHETIC_DONE)
+  if jax.process_index() == 0 and not os.path.exists(done):
+    s = config.synthetic
+    summary = synthetic.generate(root, s.num_train, s.num_val, s.image_size, s.seed)
+    with open(done, 'w') as f:
+      f.write(f"{summary['seconds']}\n")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('aims synthetic data')
+  return root
+
+
+def input_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config section `data_pipelines.pipeline` reads, from `config.input` and trainer keys.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    A ConfigDict with `config.input` plus image_size, batch_size, seed and class_agnostic.
+  """
+  section = ml_collections.ConfigDict(config.input.to_dict())
+  section.image_size = config.image_size
+  section.batch_size = config.batch_size
+  section.seed = config.seed
+  section.class_agnostic = True
+  return section
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, workdir: str):
+  """The endless AIMS mixture iterator of this process's batches.
+
+  Args:
+    config: the run config.
+    workdir: the run's directory (the synthetic default is generated there).
+
+  Returns:
+    A checkpointable grain iterator.
+  """
+  names = [n for n in aims_mixture.TABLE_DATASETS if n in config.datasets]
+  sources = dataset_config.build_sources(config.datasets, names, data_root(config, workdir))
+  return iter(pipeline.build_train_pipeline(input_section(config), sources).dataset)
+
+
+def evaluate(module, variables, config, workdir, step, mesh) -> Dict[str, float]:
+  """AIMS evaluation (see `eval.aims_eval.evaluate`)."""
+  from eval import aims_eval  # pylint: disable=g-import-not-at-top
+  return aims_eval.evaluate(module, variables, config, workdir, step, mesh)
+
+
+registry.register('aims', registry.ModelSpec(
+    build=build,
+    init_inputs=init_inputs,
+    loss_fn=loss_fn,
+    make_train_iterator=make_train_iterator,
+    evaluate=evaluate,
+    config_sections=('model', 'loss', 'input', 'datasets', 'eval', 'synthetic', 'data_root',
+                     'image_size'),
+))
