@@ -9,10 +9,11 @@ Every image is run once with the full-image prompt (one-step inference,
 `hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level); the kept masks are cut
 to the image's window of the canvas and resized (nearest) to the original image size.
 
-Files, under `W/eval/<step>/`: for each subset `<subset>/<level>_gt.json` (class-agnostic COCO
-ground truth, `eval.writers.class_agnostic_ground_truth`) and `<subset>/<level>_results.json`
-(COCO results, RLE masks, category 1), and `metrics.json` with AP/AP50/AP75 per level and AR_ep,
-AR_re (percentages). AP is pycocotools' segm AP (IoU .50:.95, maxDets 100) with every category
+Files, under the output folder (`W/eval/<step>/` in training, `--out` of `eval.evaluate`): for
+each subset `<subset>/<level>_gt.json` (class-agnostic COCO ground truth,
+`eval.writers.class_agnostic_ground_truth`) and `<subset>/<level>_results.json` (COCO results,
+RLE masks, category 1), and `metrics.json` with AP/AP50/AP75 per level and AR_ep, AR_re
+(percentages). AP is pycocotools' segm AP (IoU .50:.95, maxDets 100) with every category
 set to 1; AR is `eval.association.association_recall` (its docstring has the definition), pair
 scores = association probability × both mask scores.
 """
@@ -185,16 +186,16 @@ def _evaluate_subset(predict, variables, config, sources, dataset_name: str,
   return metrics
 
 
-def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir: str, step: int,
+def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir: str, out_dir: str,
              mesh: jax.sharding.Mesh) -> Dict[str, float]:
-  """Evaluates AIMS on both subsets and writes `W/eval/<step>/`.
+  """Evaluates AIMS on both subsets and writes the result files and metrics.json to `out_dir`.
 
   Args:
     module: the AIMSModel.
     variables: its variables.
     config: the run config (`config.eval`, `config.datasets`, `config.input`).
-    workdir: the run directory.
-    step: the training step (names the output folder).
+    workdir: the run directory (the synthetic default dataset lives in it).
+    out_dir: the output folder (created if needed).
     mesh: the device mesh (the batch is split over all its axes).
 
   Returns:
@@ -203,7 +204,6 @@ def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir:
     'AP75_entity_re', 'AR_re'} in percent; the keys of a subset whose dataset is '' are absent.
   """
   from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
-  out_root = os.path.join(workdir, 'eval', str(step))
   names = [config.eval[key] for key, _, _ in SUBSETS.values() if config.eval[key]]
   sources = dataset_config.build_sources(config.datasets, names, spec.data_root(config, workdir))
   predict = _predict_fn(module, config)
@@ -212,7 +212,7 @@ def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir:
     if not config.eval[key]:
       continue
     m = _evaluate_subset(predict, variables, config, sources, config.eval[key], levels,
-                         assoc_key, os.path.join(out_root, subset), mesh)
+                         assoc_key, os.path.join(out_dir, subset), mesh)
     suffix = '' if subset == 'entity_part' else '_re'
     for name, value in m.items():
       if name == 'AR':
@@ -222,5 +222,5 @@ def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir:
       else:
         metrics[name] = value
   if jax.process_index() == 0:
-    writers.write_json(os.path.join(out_root, 'metrics.json'), metrics)
+    writers.write_json(os.path.join(out_dir, 'metrics.json'), metrics)
   return metrics

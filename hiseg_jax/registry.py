@@ -24,9 +24,12 @@ this contract:
   be a grain `DatasetIterator` (or `DataLoaderIterator`) so that its state is
   checkpointed by grain's orbax handler. It may prepare data in `workdir`
   (e.g. generate the synthetic dataset).
-* `evaluate(module, variables, config, workdir, step, mesh) -> dict`: runs the
-  model's evaluation, writes its files under `workdir/eval/<step>/`, and returns
-  a flat dict of float metrics.
+* `evaluate(module, variables, config, workdir, out_dir, mesh) -> dict`: runs
+  the model's evaluation, writes its files (result files and `metrics.json`)
+  under `out_dir`, and returns a flat dict of float metrics. `workdir` is the
+  run's directory, where the model may find data it prepared (e.g. the
+  synthetic dataset); the trainer passes `workdir/eval/<step>` as `out_dir`,
+  `python -m eval.evaluate` the folder its caller names.
 * `param_group(path) -> str`: the learning-rate group of the parameter at
   `path` (a tuple of names); `config.optim.lr_multipliers` maps group names to
   multipliers (groups not named there use 1). Default: the top-level module
@@ -98,7 +101,7 @@ class ModelSpec:
     init_inputs: config -> keyword arguments for `module.init`.
     loss_fn: (module, variables, batch, rng, config, train) -> (loss, metrics).
     make_train_iterator: (config, workdir) -> grain iterator of local batches.
-    evaluate: (module, variables, config, workdir, step, mesh) -> metrics.
+    evaluate: (module, variables, config, workdir, out_dir, mesh) -> metrics.
     config_sections: top-level config keys owned by the model.
     param_group: parameter path -> learning-rate group name.
     no_weight_decay: parameter path -> True to exempt it from weight decay.

@@ -87,8 +87,8 @@ def test_outputs_and_kill_resume(tmp_path):
   module, variables, step, mesh = trainer.restore_variables(_config(),
                                                             reference_dir)
   assert step == TOTAL
-  again = trainer_toy.evaluate(module, variables, _config(),
-                               str(tmp_path / 'reeval'), step, mesh)
+  again = trainer_toy.evaluate(module, variables, _config(), reference_dir,
+                               str(tmp_path / 'reeval'), mesh)
   assert again == final
 
   # Re-running a finished run does nothing.

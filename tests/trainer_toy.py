@@ -126,9 +126,9 @@ def make_train_iterator(config, workdir):
   return iter(batches)
 
 
-def evaluate(module, variables, config, workdir, step, mesh):
-  """MSE on a fixed held-out set, also written to W/eval/<step>/metrics.json."""
-  del mesh
+def evaluate(module, variables, config, workdir, out_dir, mesh):
+  """MSE on a fixed held-out set, also written to `out_dir`/metrics.json."""
+  del workdir, mesh
   examples = [example(EVAL_OFFSET + i, config.data.image_size)
               for i in range(EVAL_SIZE)]
   image = np.stack([e['image'] for e in examples])  # [N, S, S, 3]
@@ -136,9 +136,8 @@ def evaluate(module, variables, config, workdir, step, mesh):
   target = np.stack([e['target'] for e in examples])  # [N]
   pred = jax.jit(module.apply)(variables, image, task)  # [N]
   metrics = {'mse': float(np.mean((np.asarray(pred) - target) ** 2))}
-  out = os.path.join(workdir, 'eval', str(step))
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f)
   return metrics
 

@@ -180,10 +180,10 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str):
   return iter(pipeline.build_train_pipeline(input_section(config), sources).dataset)
 
 
-def evaluate(module, variables, config, workdir, step, mesh) -> Dict[str, float]:
-  """AIMS evaluation (see `eval.aims_eval.evaluate`)."""
+def evaluate(module, variables, config, workdir, out_dir, mesh) -> Dict[str, float]:
+  """AIMS evaluation into `out_dir` (see `eval.aims_eval.evaluate`)."""
   from eval import aims_eval  # pylint: disable=g-import-not-at-top
-  return aims_eval.evaluate(module, variables, config, workdir, step, mesh)
+  return aims_eval.evaluate(module, variables, config, workdir, out_dir, mesh)
 
 
 registry.register('aims', registry.ModelSpec(

@@ -230,7 +230,9 @@ def _evaluate(spec: registry.ModelSpec, module: nn.Module, state: TrainState,
   """Runs the model's evaluation and records its metrics."""
   variables = {'params': state.params, **state.model_state}
   start = time.time()
-  metrics = dict(spec.evaluate(module, variables, config, workdir, step, mesh))
+  out_dir = os.path.join(workdir, 'eval', str(step))
+  metrics = dict(spec.evaluate(module, variables, config, workdir, out_dir,
+                               mesh))
   logging.info('evaluation at step %d (%.1f s): %s', step,
                time.time() - start, metrics)
   writer.write_eval(step, metrics)
