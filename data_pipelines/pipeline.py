@@ -47,71 +47,24 @@ per level (part, entity, relation); the trainer should sum and log it.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional
 
-from absl import flags
 import grain
 import jax
 import ml_collections
 import numpy as np
 
 from data_pipelines import aims_mixture
-from data_pipelines import records as records_lib
+from data_pipelines import grain_utils
 
-# Each process computes whole batches in 2 threads and keeps up to 4 batches ready.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-
-
-class RecordSource(Protocol):
-  """A native-format reader: random access to `ImageRecord`s plus cheap metadata."""
-
-  def __len__(self) -> int:
-    ...
-
-  def __getitem__(self, index: int) -> records_lib.ImageRecord:
-    ...
-
-  def meta(self, index: int) -> records_lib.RecordMeta:
-    ...
-
-
-@dataclasses.dataclass(frozen=True)
-class InputPipeline:
-  """A built pipeline.
-
-  Attributes:
-    dataset: the grain `IterDataset` of per-host batches; `iter()` it for a checkpointable iterator.
-    dataset_names: the source names, in the order the batch's `dataset` index uses.
-    global_batch_size: samples per global batch.
-    host_batch_size: samples per batch on this process.
-    pools: eligible image count per sample type and dataset (training), or {} (evaluation).
-    num_batches: batches in one evaluation pass, or None for the endless training stream.
-  """
-
-  dataset: grain.IterDataset
-  dataset_names: tuple[str, ...]
-  global_batch_size: int
-  host_batch_size: int
-  pools: Mapping[int, Mapping[str, int]]
-  num_batches: Optional[int]
+RecordSource = grain_utils.RecordSource
+InputPipeline = grain_utils.InputPipeline
+_DOC = "data_pipelines/pipeline.py"
 
 
 def _get(section: ml_collections.ConfigDict, key: str, kind: Any) -> Any:
   """Reads `section.key`, checking its presence and type."""
-  if key not in section:
-    raise KeyError(f"input config section has no key '{key}' (see data_pipelines/pipeline.py "
-                   f"for the keys it reads); it has {sorted(section.keys())}")
-  value = section[key]
-  if kind is float and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if kind in (tuple, list):
-    if not isinstance(value, (tuple, list)):
-      raise TypeError(f"input config '{key}' must be a sequence, got {value!r}")
-    return tuple(value)
-  if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-    raise TypeError(f"input config '{key}' must be {kind.__name__}, got {value!r}")
-  return value
+  return grain_utils.read_key(section, key, kind, _DOC)
 
 
 def _settings(section: ml_collections.ConfigDict, train: bool) -> aims_mixture.SampleSettings:
@@ -132,49 +85,6 @@ def _settings(section: ml_collections.ConfigDict, train: bool) -> aims_mixture.S
       flip_prob=flip_prob,
       class_agnostic=_get(section, "class_agnostic", bool),
       strict=_get(section, "strict_maxima", bool))
-
-
-def _host_batch(global_batch: int, process_count: int) -> int:
-  """The per-host batch, checking divisibility."""
-  if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f"global batch size {global_batch} must be a positive multiple of the "
-                     f"process count {process_count}")
-  return global_batch // process_count
-
-
-def _derive_seed(*parts: int) -> int:
-  """A 32-bit seed derived from integers."""
-  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _image_id(record: records_lib.ImageRecord) -> np.int32:
-  """The record's image id as int32 (what the device batch holds)."""
-  if not 0 <= record.image_id < 2**31:
-    raise ValueError(f"{record.dataset}: image id {record.image_id} ({record.file_name}) does not "
-                     "fit the batch's int32 image_id")
-  return np.int32(record.image_id)
-
-
-class _HostSlice(grain.MapDataset):
-  """Process p's contiguous slice of every global batch, in order (see module docstring)."""
-
-  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int,
-               host_batch: int):
-    super().__init__(parent)
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process index {process_index} is outside [0, {process_count})")
-    self._offset = process_index * host_batch
-    self._host_batch = host_batch
-    self._global_batch = host_batch * process_count
-
-  def __len__(self) -> int:
-    return len(self._parent) // self._global_batch * self._host_batch
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    step, r = divmod(index, self._host_batch)
-    return self._parent[step * self._global_batch + self._offset + r]
 
 
 class _Tag(grain.transforms.Map):
@@ -202,7 +112,7 @@ class _TrainSample(grain.transforms.RandomMap):
     task, pos, index = element
     record = self._sources[self._names[pos]][index]
     out = aims_mixture.build_sample(record, aims_mixture.sample_type(task), self._settings, rng)
-    out["image_id"] = _image_id(record)
+    out["image_id"] = grain_utils.image_id_int32(record)
     out["dataset"] = np.int32(pos)
     return out
 
@@ -222,23 +132,9 @@ class _EvalSample(grain.transforms.Map):
     else:
       record = self._source[int(position)]
       out = aims_mixture.build_sample(record, aims_mixture.EVAL_TYPE, self._settings, None)
-      out["image_id"] = _image_id(record)
+      out["image_id"] = grain_utils.image_id_int32(record)
     out["dataset"] = np.int32(self._pos)
     return out
-
-
-def _finish(ds: grain.MapDataset, host_batch: int, num_workers: int) -> grain.IterDataset:
-  """Batch -> iterator -> optional worker processes."""
-  if num_workers < 0:
-    raise ValueError(f"input config 'num_workers' must be >= 0, got {num_workers}")
-  it = ds.batch(host_batch, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
-  if num_workers:
-    # grain's worker start-up reads an absl flag; outside an absl app (tests, notebooks, the
-    # benchmark) the flags were never parsed, so let their defaults apply. No-op under app.run.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return it
 
 
 def build_train_pipeline(section: ml_collections.ConfigDict, sources: Mapping[str, RecordSource],
@@ -259,7 +155,7 @@ def build_train_pipeline(section: ml_collections.ConfigDict, sources: Mapping[st
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   global_batch = _get(section, "batch_size", int)
-  host_batch = _host_batch(global_batch, process_count)
+  host_batch = grain_utils.host_batch_size(global_batch, process_count)
   task_ids = tuple(int(t) for t in _get(section, "sample_types", tuple))
   if not task_ids or len(set(task_ids)) != len(task_ids):
     raise ValueError(f"input config 'sample_types' must list distinct types, got {task_ids}")
@@ -270,16 +166,17 @@ def build_train_pipeline(section: ml_collections.ConfigDict, sources: Mapping[st
   per_type = []
   for task in task_ids:
     streams = [
-        grain.MapDataset.source(pool).shuffle(seed=_derive_seed(seed, task, names.index(name)))
+        grain.MapDataset.source(pool)
+        .shuffle(seed=grain_utils.derive_seed(seed, task, names.index(name)))
         .repeat().map(_Tag(task, names.index(name)))
         for name, pool in pools[task].items()
     ]
     per_type.append(grain.MapDataset.mix(streams))
   stream = grain.MapDataset.mix(per_type).random_map(
-      _TrainSample(dict(sources), names, settings), seed=_derive_seed(seed, 0))
-  host = _HostSlice(stream, process_index, process_count, host_batch)
+      _TrainSample(dict(sources), names, settings), seed=grain_utils.derive_seed(seed, 0))
+  host = grain_utils.HostSlice(stream, process_index, process_count, host_batch)
   return InputPipeline(
-      dataset=_finish(host, host_batch, _get(section, "num_workers", int)),
+      dataset=grain_utils.finish(host, host_batch, _get(section, "num_workers", int)),
       dataset_names=names,
       global_batch_size=global_batch,
       host_batch_size=host_batch,
@@ -313,7 +210,7 @@ def build_eval_pipeline(section: ml_collections.ConfigDict, sources: Mapping[str
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   global_batch = _get(section, "eval_batch_size", int)
-  host_batch = _host_batch(global_batch, process_count)
+  host_batch = grain_utils.host_batch_size(global_batch, process_count)
   names = tuple(sorted(sources))
   source = sources[dataset_name]
   if len(source) == 0:
@@ -321,9 +218,9 @@ def build_eval_pipeline(section: ml_collections.ConfigDict, sources: Mapping[str
   num_batches = -(-len(source) // global_batch)
   ds = grain.MapDataset.range(num_batches * global_batch).map(
       _EvalSample(source, names.index(dataset_name), settings))
-  host = _HostSlice(ds, process_index, process_count, host_batch)
+  host = grain_utils.HostSlice(ds, process_index, process_count, host_batch)
   return InputPipeline(
-      dataset=_finish(host, host_batch, _get(section, "num_workers", int)),
+      dataset=grain_utils.finish(host, host_batch, _get(section, "num_workers", int)),
       dataset_names=names,
       global_batch_size=global_batch,
       host_batch_size=host_batch,
