@@ -118,11 +118,14 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
 
   config.batch_size = 8 if runlocal else 64
   if runlocal:
-    config.total_steps = 3000
+    config.total_steps = 2800
     config.log_every = 50
     config.eval_every = 0
     config.checkpoint_every = 500
     config.optim.lr = 3e-4
     config.optim.warmup_steps = 100
-    config.optim.decay_steps = (2400, 2800)
+    config.optim.decay_steps = (2200, 2600)
+    # The runlocal backbone starts from random weights (no pretrained checkpoint offline), so it
+    # trains at the full rate; the paper's ×0.1 is for fine-tuning a pretrained backbone.
+    config.optim.lr_multipliers.backbone = 1.0
   return config
