@@ -1,7 +1,8 @@
 """Command line: one metric from files in the official formats, printed as JSON.
 
   python -m eval.metrics pq --gt_json_file G.json --pred_json_file P.json \
-      [--gt_folder G/] [--pred_folder P/]
+      [--gt_folder G/] [--pred_folder P/]      (pq_compute's fractions, plus "summary": the
+                                                table panopticapi prints, in percent)
   python -m eval.metrics coco --gt_json G.json --results_json R.json [--iou_type segm|bbox] \
       [--class_agnostic]
   python -m eval.metrics partpq ppq_ppp_59_57_cvpr21_default BASEPATH_GT BASEPATH_PRED IMAGES_JSON
@@ -160,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def pq_summary(results: dict) -> dict:
+  """The table panopticapi's `pq_compute` prints: PQ, SQ, RQ in percent and N per group.
+
+  Args:
+    results: `pq_compute` output (fractions).
+
+  Returns:
+    {"All" | "Things" | "Stuff": {"PQ", "SQ", "RQ", "N"}}.
+  """
+  return {group: {"PQ": 100 * results[group]["pq"], "SQ": 100 * results[group]["sq"],
+                  "RQ": 100 * results[group]["rq"], "N": results[group]["n"]}
+          for group in ("All", "Things", "Stuff")}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
   """Runs one metric and prints its JSON.
 
@@ -172,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = build_parser().parse_args(argv)
   if args.metric == "pq":
     out = pq_compute(args.gt_json_file, args.pred_json_file, args.gt_folder, args.pred_folder)
+    out["summary"] = pq_summary(out)
   elif args.metric == "coco":
     out = coco_evaluate(args.gt_json, args.results_json, args.iou_type, args.class_agnostic)
   elif args.metric == "partpq":

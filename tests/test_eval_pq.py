@@ -36,6 +36,8 @@ def test_fixture_against_itself_is_100(capsys):
                       "--gt_folder", GT_FOLDER, "--pred_folder", GT_FOLDER])
   printed = json.loads(capsys.readouterr().out)
   assert printed["All"]["pq"] == 1.0 and out["All"]["pq"] == 1.0
+  assert printed["summary"]["All"] == {"PQ": 100.0, "SQ": 100.0, "RQ": 100.0,
+                                       "N": out["All"]["n"]}
   _assert_close(out, _reference("coco_self"))
 
 
