@@ -1,7 +1,7 @@
 """Mask2Former's multi-scale deformable-attention pixel decoder (`MSDeformAttnPixelDecoder`)."""
 
 import functools
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -9,13 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hiseg_jax.layers.deformable_attention import MSDeformAttn
+from hiseg_jax.layers.init import kaiming_uniform_a1
 from hiseg_jax.layers.position_encoding import sine_position_encoding
 
 # Input features of the deformable encoder, low resolution first (Mask2Former order).
 _ENCODER_FEATURES = ('res5', 'res4', 'res3')
 _STRIDES = {'res2': 4, 'res3': 8, 'res4': 16, 'res5': 32}
-# detectron2's c2_xavier_fill: Kaiming-uniform with a=1.
-_c2_xavier = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
 def encoder_reference_points(spatial_shapes: Sequence[Tuple[int, int]]) -> np.ndarray:
@@ -58,7 +57,8 @@ class DeformableEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, src: jnp.ndarray, pos: jnp.ndarray, reference_points: jnp.ndarray,
                spatial_shapes: Sequence[Tuple[int, int]],
-               deterministic: bool = True) -> jnp.ndarray:
+               deterministic: bool = True,
+               padding_mask: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Applies the layer.
 
     Args:
@@ -67,6 +67,8 @@ class DeformableEncoderLayer(nn.Module):
       reference_points: [B, S, L, 2] normalised (x, y) reference points.
       spatial_shapes: static (H_l, W_l) per level.
       deterministic: disables dropout when True.
+      padding_mask: optional bool [B, S], True at padded cells; their values are zeroed in the
+        deformable self-attention (Deformable DETR's `input_padding_mask`).
 
     Returns:
       [B, S, D] updated features.
@@ -77,7 +79,8 @@ class DeformableEncoderLayer(nn.Module):
     norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
     attn = MSDeformAttn(d_model=self.d_model, n_levels=self.num_levels, n_heads=self.num_heads,
                         n_points=self.num_points, dtype=self.dtype, name='self_attn')(
-                            src + pos, reference_points, src, spatial_shapes)  # [B, S, D]
+                            src + pos, reference_points, src, spatial_shapes,
+                            padding_mask)  # [B, S, D]
     src = src + nn.Dropout(self.dropout)(attn, deterministic=deterministic)  # [B, S, D]
     src = norm(name='norm1')(src)  # [B, S, D]
     hidden = nn.relu(dense(self.ffn_dim, name='linear1')(src))  # [B, S, F]
@@ -183,14 +186,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
       multi_scale.append(src[:, start:start + h * w].reshape(b, h, w, d))  # [B, h, w, D]
       start += h * w
 
-    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=_c2_xavier, dtype=self.dtype,
+    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
                       name='lateral_conv')(features['res2'].astype(self.dtype))  # [B, H/4, W/4, D]
     lateral = group_norm(name='lateral_norm')(lateral)  # [B, H/4, W/4, D]
     up = jax.image.resize(multi_scale[-1], (b, h4, w4, d), 'bilinear')  # [B, H/4, W/4, D]
-    y = nn.Conv(d, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False, kernel_init=_c2_xavier,
+    y = nn.Conv(d, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False, kernel_init=kaiming_uniform_a1,
                 dtype=self.dtype, name='output_conv')(lateral + up)  # [B, H/4, W/4, D]
     y = nn.relu(group_norm(name='output_norm')(y))  # [B, H/4, W/4, D]
-    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=_c2_xavier,
+    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=kaiming_uniform_a1,
                             bias_init=nn.initializers.zeros, dtype=self.dtype,
                             name='mask_features')(y)  # [B, H/4, W/4, mask_dim]
     return mask_features, multi_scale

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hiseg_jax.hipie.stuff_decoder import DeformableDecoderLayer
+from hiseg_jax.hipie.decoder_layer import DeformableDecoderLayer
+from hiseg_jax.hipie.query_utils import cdn_attention_mask
 from hiseg_jax.hipie.stuff_decoder import MaskDINODecoder
 from hiseg_jax.hipie.stuff_decoder import StuffDecoder
-from hiseg_jax.hipie.stuff_decoder import dn_attention_mask
 from hiseg_jax.hipie.stuff_pixel_decoder import MaskDINOEncoder
 from torch_references import TorchMSDeformAttn, torch_sine_position_encoding
 
@@ -414,22 +414,21 @@ def test_decoder_layer_matches_transcription_with_dn_mask():
   memory = rng.normal(size=(b, 26, D)).astype(np.float32)
   boxes = np.concatenate([rng.uniform(0.2, 0.8, (b, t, 1, 2)), rng.uniform(0.1, 0.5, (b, t, 1, 2))],
                          -1).astype(np.float32).repeat(2, axis=2)
-  allowed = dn_attention_mask(groups, size, queries)
+  allowed = cdn_attention_mask(groups, size, queries)
   with torch.no_grad():
     expected = ref(*map(torch.from_numpy, (tgt, pos, boxes, memory)), shapes,
                    torch.from_numpy(~allowed))
   layer = DeformableDecoderLayer(d_model=D, ffn_dim=FFN, num_heads=HEADS, num_levels=2,
                                  num_points=POINTS)
-  got = jax.jit(layer.apply, static_argnums=(5,))(
-      {'params': _convert_decoder_layer(ref)}, tgt, pos, boxes, memory, shapes,
-      jnp.broadcast_to(allowed, (b, t, t)))
+  got = jax.jit(lambda p, *x: layer.apply(p, *x, shapes, attn_mask=jnp.broadcast_to(
+      allowed, (b, t, t))))({'params': _convert_decoder_layer(ref)}, tgt, pos, boxes, memory)
   np.testing.assert_allclose(np.asarray(got), expected.numpy(), atol=LAYER_ATOL)
 
 
 @pytest.mark.parametrize('groups,size,queries', [(1, 3, 4), (3, 2, 5), (4, 1, 3), (2, 5, 0)])
 def test_dn_attention_mask_matches_reference_construction(groups, size, queries):
   expected = ~_reference_dn_mask(groups, size, queries).numpy()
-  np.testing.assert_array_equal(dn_attention_mask(groups, size, queries), expected)
+  np.testing.assert_array_equal(cdn_attention_mask(groups, size, queries), expected)
 
 
 DEC = dict(hidden_dim=D, mask_dim=D, num_queries=12, num_layers=2, ffn_dim=FFN, num_heads=HEADS,

@@ -6,6 +6,7 @@ Transcribed (facts, not code): `DeformableTransformerDecoderLayer` (DINO order; 
 refinement of `DDETRSegmUniDN.coco_forward` (`sigmoid(bbox_embed(hs) + inverse_sigmoid(ref))`).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,21 +14,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hiseg_jax.hipie.decoder_layer import DeformableDecoderLayer
+from hiseg_jax.hipie.fused_encoder import FusedEncoder
+from hiseg_jax.hipie.query_utils import cdn_attention_mask
+from hiseg_jax.hipie.query_utils import encoder_output_proposals
+from hiseg_jax.hipie.query_utils import inverse_sigmoid
+from hiseg_jax.hipie.query_utils import sine_box_embedding
 from hiseg_jax.hipie.thing_decoder import MaskHeadSmallConv
 from hiseg_jax.hipie.thing_decoder import ThingDecoder
-from hiseg_jax.hipie.thing_decoder import ThingDecoderLayer
-from hiseg_jax.hipie.thing_decoder import cdn_attention_mask
 from hiseg_jax.hipie.thing_decoder import cdn_noised_boxes
 from hiseg_jax.hipie.thing_decoder import cdn_num_groups
 from hiseg_jax.hipie.thing_decoder import cdn_query_gt
-from hiseg_jax.hipie.thing_decoder import encoder_output_proposals
-from hiseg_jax.hipie.thing_decoder import inverse_sigmoid
-from hiseg_jax.hipie.thing_decoder import sine_box_embedding
 from torch_references import TorchMSDeformAttn
 
-TINY = dict(d_model=32, num_heads=4, ffn_dim=64, num_encoder_layers=2, num_decoder_layers=2,
-            num_points=2, num_queries=20, num_bg_queries=3, dn_number=6, text_dim=48,
-            fusion_embed_dim=64, fusion_heads=4, norm_groups=8)
+TINY = dict(d_model=32, num_heads=4, ffn_dim=64, num_decoder_layers=2, num_points=2,
+            num_queries=20, num_bg_queries=3, dn_number=6, text_dim=48)
+# The encoder in front of the decoder; no fusion dropout, so that training mode is
+# deterministic apart from the denoising box noise.
+ENCODER = dict(d_model=32, num_heads=4, ffn_dim=64, num_layers=2, num_points=2, text_dim=48,
+               fusion_embed_dim=64, fusion_heads=4, fusion_dropout=0.0, norm_groups=8)
 CHANNELS = {'res3': 12, 'res4': 16, 'res5': 24}
 STRIDES = {'res3': 8, 'res4': 16, 'res5': 32}
 B, SIZE, T, N = 2, 64, 7, 3
@@ -195,8 +200,8 @@ def test_decoder_layer_matches_torch_transcription():
                            ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj')},
             'linear1': _dense(ref.linear1), 'linear2': _dense(ref.linear2),
             'norm3': _norm(ref.norm3)}
-  layer = ThingDecoderLayer(d_model=d, num_heads=heads, ffn_dim=64, num_levels=levels,
-                            num_points=points)
+  layer = DeformableDecoderLayer(d_model=d, num_heads=heads, ffn_dim=64, num_levels=levels,
+                                 num_points=points)
   mask = jnp.broadcast_to(jnp.asarray(allowed), (2, q, q))
   shapes_tree = jax.eval_shape(
       lambda k: layer.init(k, tgt, pos, boxes, src, shapes, padding, mask), jax.random.key(0))
@@ -285,10 +290,22 @@ def _inputs(seed):
   return feats, text, text_mask, dn, image_sizes
 
 
+class _ThingBranch(nn.Module):
+  """FusedEncoder ('encoder') then ThingDecoder ('decoder'), chained as HIPIEModel does."""
+  decoder: dict
+
+  @nn.compact
+  def __call__(self, feats, text, text_mask, dn=None, sizes=None, train=False, grounding=False):
+    encoded, shapes = FusedEncoder(**ENCODER, name='encoder')(feats, text, text_mask, sizes,
+                                                              not train)
+    return ThingDecoder(**self.decoder, name='decoder')(encoded, shapes, text, text_mask, dn,
+                                                        sizes, train, grounding)
+
+
 @pytest.fixture(scope='module')
 def run():
-  """One compile: outputs with denoising, captured decoder states, gradients."""
-  model = ThingDecoder(**TINY)
+  """One compile: training-mode outputs with denoising, captured decoder states, gradients."""
+  model = _ThingBranch(TINY)
   feats, text, text_mask, dn, sizes = _inputs(0)
   key = jax.random.key(0)
   shapes = jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k}, feats, text,
@@ -299,10 +316,10 @@ def run():
   capture = lambda mdl, _: mdl.name is not None and mdl.name.startswith('decoder_layer')
 
   def forward(p):
-    out, state = model.apply({'params': p}, feats, text, text_mask, dn, sizes,
+    out, state = model.apply({'params': p}, feats, text, text_mask, dn, sizes, train=True,
                              rngs={'dropout': jax.random.key(1)},
                              capture_intermediates=capture, mutable=['intermediates'])
-    return out, state['intermediates']
+    return out, state['intermediates']['decoder']
 
   def loss(p):
     out, inter = forward(p)
@@ -355,7 +372,7 @@ def test_two_stage_selects_top_k_by_objectness_logit(run):
 
 
 def test_box_refinement_step_matches_reference_arithmetic(run):
-  out, params, inter = run['out'], run['params'], run['inter']
+  out, params, inter = run['out'], run['params']['decoder'], run['inter']
   start = 2 * cdn_num_groups(TINY['dn_number'], N) * N + TINY['num_bg_queries']
 
   def torch_bbox_embed(name, hs):
@@ -384,26 +401,38 @@ def test_gradients_are_finite_and_reach_every_module(run):
   grads = run['grads']
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
-  for name in ('tgt_embed', 'controller', 'mask_head', 'label_resizer_fc', 'enc_bbox',
-               'decoder_layer_1', 'bbox_embed_0', 'class_embed_1', 'iou_head_1', 'encoder'):
-    norm = sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(grads[name]))
-    assert norm > 0, name
+  modules = [grads['encoder']] + [grads['decoder'][name] for name in (
+      'tgt_embed', 'controller', 'mask_head', 'label_resizer_fc', 'enc_bbox', 'decoder_layer_1',
+      'bbox_embed_0', 'class_embed_1', 'iou_head_1')]
+  for i, tree in enumerate(modules):
+    norm = sum(np.abs(np.asarray(x)).sum() for x in jax.tree.leaves(tree))
+    assert norm > 0, i
 
 
 def test_grounding_token_labels_and_final_layer_masks_only():
   feats, text, text_mask, dn, sizes = _inputs(1)
-  model = ThingDecoder(**(TINY | dict(dn_label_source='tokens', num_bg_queries=0,
-                                      masks_every_layer=False)))
+  model = _ThingBranch(TINY | dict(dn_label_source='tokens', num_bg_queries=0,
+                                   masks_every_layer=False))
   key = jax.random.key(0)
   init = lambda k: model.init({'params': k, 'dropout': k}, feats, text, text_mask, dn, sizes)
   params = jax.eval_shape(init, key)
-  out = jax.eval_shape(lambda p: model.apply(p, feats, text, text_mask, dn, sizes,
+  out = jax.eval_shape(lambda p: model.apply(p, feats, text, text_mask, dn, sizes, train=True,
                                              grounding=True, rngs={'dropout': key}), params)
   assert out['logits'].shape == (B + 1, 20, 1) and out['text_mask'].shape == (B + 1, 1)
   assert out['bg'] is None and out['dn']['logits'].shape == (B + 1, 12, 1)
   assert 'masks' not in out['aux'][0] and out['masks'].shape == (B + 1, 20, 16, 16)
   plain = jax.eval_shape(lambda p: model.apply(p, feats, text, text_mask), params)
   assert plain['dn'] is None and plain['logits'].shape == (B + 1, 20, T)
+
+
+def test_inference_computes_last_layer_masks_only():
+  feats, text, text_mask, _, sizes = _inputs(1)
+  model = _ThingBranch(TINY)  # masks_every_layer=True applies to training only
+  params = jax.eval_shape(lambda k: model.init(k, feats, text, text_mask, None, sizes),
+                          jax.random.key(0))
+  out = jax.eval_shape(lambda p: model.apply(p, feats, text, text_mask, None, sizes), params)
+  assert out['masks'].shape == (B + 1, 20, 16, 16)
+  assert all('masks' not in aux for aux in out['aux'])
 
 
 @pytest.mark.parametrize('bad', ['dn_keys', 'dn_shape', 'positive_map', 'sizes', 'queries'])
@@ -421,8 +450,8 @@ def test_bad_inputs_raise_clear_errors(bad):
     sizes = sizes[:1]
   else:
     config['num_queries'] = 200
-  model = ThingDecoder(**config)
+  model = _ThingBranch(config)
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match='ThingDecoder'):
+  with pytest.raises(ValueError, match='ThingDecoder: |FusedEncoder: image_sizes'):
     jax.eval_shape(lambda k: model.init({'params': k, 'dropout': k}, feats, text, text_mask, dn,
                                         sizes), key)

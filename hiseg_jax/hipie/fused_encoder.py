@@ -15,14 +15,12 @@ Reference facts (HIPIE `DeformableDETRDINO.input_proj`, `DDETRSegmUniDN.coco_for
   per-level embedding (`level_embed`, N(0, 1)).
 * Early fusion: one `BiAttentionBlock` (layer scale 1 / num_layers) on the flattened visual
   tokens (no position embedding) and the text features, applied once, before the first encoder
-  layer (`NUM_VL_LAYERS = 1`); the other layers run without fusion.
+  layer (`NUM_VL_LAYERS = 1`); the other layers run without fusion. The block is the encoder's
+  own submodule `fusion`, or the module given as `fusion_block` (so that a model can hold it
+  as a top-level parameter group, HIPIE's `vl_layers` learning rate).
 * Encoder layers: Deformable DETR post-norm layers with reference points at the valid-cell
-  centres, `(i + 0.5) / (valid_ratio_l * H_l)`, rescaled by every level's valid ratio.
-
-Known deviation: `DeformableEncoderLayer` (hiseg_jax.pixel_decoder) takes no padding mask, so
-the encoder's deformable self-attention does not zero the values of padded cells as the
-reference does; the position encodings, reference points, fusion and everything downstream
-(decoder cross-attention, proposals) do honour the padding.
+  centres, `(i + 0.5) / (valid_ratio_l * H_l)`, rescaled by every level's valid ratio; the
+  deformable self-attention zeroes the values of padded cells (`input_padding_mask`).
 """
 
 import functools
@@ -168,6 +166,8 @@ class FusedEncoder(nn.Module):
     fusion_embed_dim: attention width of the fusion block (2048).
     fusion_heads: heads of the fusion block (8).
     fusion_dropout: attention dropout of the fusion block (0.1).
+    fusion_block: optional `BiAttentionBlock` to use instead of building one named `fusion`
+      (the fusion_* fields and the layer scale are then the given block's).
     dtype: computation dtype.
   """
   d_model: int = 256
@@ -182,6 +182,7 @@ class FusedEncoder(nn.Module):
   fusion_embed_dim: int = 2048
   fusion_heads: int = 8
   fusion_dropout: float = 0.1
+  fusion_block: Optional[nn.Module] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -253,17 +254,19 @@ class FusedEncoder(nn.Module):
     valid_ratios = valid_ratios_of(valid)  # [B, L, 2]
     ref = encoder_reference_points_padded(shapes, valid_ratios)  # [B, S, L, 2]
 
-    src, text = BiAttentionBlock(
-        v_dim=d, l_dim=self.text_dim, embed_dim=self.fusion_embed_dim,
-        num_heads=self.fusion_heads, dropout=self.fusion_dropout,
-        init_values=1.0 / self.num_layers, dtype=self.dtype, name='fusion')(
-            src, text, text_mask, deterministic)  # [B, S, D], [B, T, Lt]
+    fusion = self.fusion_block
+    if fusion is None:
+      fusion = BiAttentionBlock(
+          v_dim=d, l_dim=self.text_dim, embed_dim=self.fusion_embed_dim,
+          num_heads=self.fusion_heads, dropout=self.fusion_dropout,
+          init_values=1.0 / self.num_layers, dtype=self.dtype, name='fusion')
+    src, text = fusion(src, text, text_mask, deterministic)  # [B, S, D], [B, T, Lt]
     for i in range(self.num_layers):
       src = DeformableEncoderLayer(
           d_model=d, ffn_dim=self.ffn_dim, num_heads=self.num_heads,
           num_levels=self.num_levels, num_points=self.num_points, dropout=self.dropout,
           dtype=self.dtype, name=f'encoder_layer_{i}')(
-              src, pos, ref, shapes, deterministic)  # [B, S, D]
+              src, pos, ref, shapes, deterministic, padding_mask)  # [B, S, D]
     outputs = {'memory': src, 'text': text, 'padding_mask': padding_mask,
                'valid_ratios': valid_ratios}
     return outputs, shapes

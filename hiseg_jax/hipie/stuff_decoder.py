@@ -26,7 +26,7 @@ base), for one image batch without padding (valid ratios 1):
   average-pooled prompt feature; so MaskDINO's label noise has no effect in
   HIPIE and is not drawn. Empty slots hold zero content and a zero box logit.
   Self-attention mask: matching queries cannot see DN queries, and each DN
-  group sees only itself and the matching queries (`dn_attention_mask`).
+  group sees only itself and the matching queries (`query_utils.cdn_attention_mask`).
 * Prediction heads (`forward_prediction_heads`): LayerNorm `decoder_norm`,
   then `class_embed` and masks = einsum(`mask_embed` 3-layer MLP(q), mask
   features). A prediction is made from the initial queries and after each of
@@ -67,212 +67,33 @@ Randomness: box noise draws from the 'dropout' rng stream (as does dropout).
 Deviations from the reference: with static shapes the DN group size is the
 padded number of target slots N rather than the batch's largest target count,
 so there may be more empty DN slots (they never influence the matching
-queries). Shared `MLP` layers (`mask_embed`, `ref_point_head`) use Flax's
-default initialisation rather than torch's Linear default.
+queries).
+
+Shared with the thing decoder (`query_utils`, `decoder_layer`): `inverse_sigmoid`, the sine box
+embedding, the proposals (called without a padding mask), the denoising attention mask, the
+decoder layer and the head MLPs (`bbox_embed` torch-default with a zero last layer, `mask_embed`
+torch-default, `ref_point_head` Xavier weights as under MaskDINO's decoder reset).
 """
 
 import functools
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiseg_jax.hipie.decoder_layer import DeformableDecoderLayer
+from hiseg_jax.hipie.query_utils import HeadMLP
+from hiseg_jax.hipie.query_utils import cdn_attention_mask
+from hiseg_jax.hipie.query_utils import encoder_output_proposals
+from hiseg_jax.hipie.query_utils import inverse_sigmoid
+from hiseg_jax.hipie.query_utils import sine_box_embedding
 from hiseg_jax.hipie.stuff_pixel_decoder import MaskDINOEncoder
 from hiseg_jax.hipie.vl_align import VLAlign
-from hiseg_jax.layers.attention import MultiHeadAttention
-from hiseg_jax.layers.deformable_attention import MSDeformAttn
-from hiseg_jax.layers.mlp import MLP
+from hiseg_jax.layers.init import torch_default_bias
+from hiseg_jax.layers.init import torch_default_kernel
 from hiseg_jax.text.prompts import pool_sentence_features
-
-
-def _torch_uniform(fan_in: int):
-  """torch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def inverse_sigmoid(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
-  """MaskDINO's inverse sigmoid: log(x / (1 - x)) with x clamped to [0, 1] and both terms >= eps.
-
-  Args:
-    x: [...] values.
-    eps: lower clamp of x and 1 - x.
-
-  Returns:
-    [...] logits.
-  """
-  x = jnp.clip(x, 0.0, 1.0)  # [...]
-  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))  # [...]
-
-
-def sine_embed_boxes(boxes: jnp.ndarray, d_model: int) -> jnp.ndarray:
-  """DINO's `gen_sineembed_for_position` for (cx, cy, w, h) boxes.
-
-  Args:
-    boxes: [..., 4] normalised boxes.
-    d_model: decoder width D (D/2 features per coordinate; 128 for D = 256).
-
-  Returns:
-    [..., 2D] embedding ordered (y, x, w, h), each block sin/cos interleaved.
-  """
-  if d_model % 4:
-    raise ValueError(f'sine_embed_boxes: d_model={d_model} must be divisible by 4')
-  f = d_model // 2
-  dim_t = 10000.0 ** (2 * (np.arange(f) // 2) / f)  # [F]
-  dim_t = jnp.asarray(dim_t, jnp.float32)  # [F]
-
-  def embed(c):
-    p = c[..., None] * (2 * math.pi) / dim_t  # [..., F]
-    return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])],
-                     axis=-1).reshape(p.shape)  # [..., F]
-
-  boxes = boxes.astype(jnp.float32)  # [..., 4]
-  return jnp.concatenate([embed(boxes[..., 1]), embed(boxes[..., 0]), embed(boxes[..., 2]),
-                          embed(boxes[..., 3])], axis=-1)  # [..., 2D]
-
-
-def encoder_output_proposals(memory: jnp.ndarray, spatial_shapes: Sequence[Tuple[int, int]]
-                             ) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """MaskDINO's `gen_encoder_output_proposals` without padding.
-
-  Args:
-    memory: [B, S, D] flattened memory, levels in `spatial_shapes` order.
-    spatial_shapes: static (H_l, W_l) per level; level l proposes boxes of side 0.05 * 2^l.
-
-  Returns:
-    memory: [B, S, D] with tokens of invalid proposals zeroed.
-    proposals: float32 [B, S, 4] inverse-sigmoid (cx, cy, w, h); +inf where invalid
-      (any coordinate outside (0.01, 0.99)).
-  """
-  boxes = []
-  for lvl, (h, w) in enumerate(spatial_shapes):
-    ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
-    wh = np.full(h * w, 0.05 * 2.0 ** lvl)  # [hw]
-    boxes.append(np.stack([(xs.reshape(-1) + 0.5) / w, (ys.reshape(-1) + 0.5) / h, wh, wh],
-                          -1))  # [hw, 4]
-  boxes = np.concatenate(boxes, 0)  # [S, 4]
-  if boxes.shape[0] != memory.shape[1]:
-    raise ValueError(f'encoder_output_proposals: memory {memory.shape} does not have the '
-                     f'{boxes.shape[0]} tokens of spatial_shapes {tuple(spatial_shapes)}')
-  valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1)  # [S]
-  safe = np.where(valid[:, None], boxes, 0.5)  # [S, 4]
-  logits = np.where(valid[:, None], np.log(safe / (1 - safe)), np.inf).astype(np.float32)  # [S, 4]
-  memory = jnp.where(jnp.asarray(valid)[None, :, None], memory, 0).astype(memory.dtype)  # [B, S, D]
-  proposals = jnp.broadcast_to(jnp.asarray(logits), (memory.shape[0],) + logits.shape)  # [B, S, 4]
-  return memory, proposals
-
-
-def dn_attention_mask(num_groups: int, group_size: int, num_queries: int) -> np.ndarray:
-  """Self-attention mask of the denoising groups followed by the matching queries.
-
-  Args:
-    num_groups: DN groups G.
-    group_size: queries per group N.
-    num_queries: matching queries Q (after the G*N DN queries).
-
-  Returns:
-    bool [G*N + Q, G*N + Q]; True where query i may attend to key j (matching
-    queries see only matching queries; a DN group sees itself and the matching
-    queries).
-  """
-  pad = num_groups * group_size
-  group = np.concatenate([np.arange(pad) // max(group_size, 1),
-                          np.full(num_queries, -1)])  # [T]
-  is_dn = group >= 0  # [T]
-  same = group[:, None] == group[None, :]  # [T, T]
-  return ~is_dn[None, :] | same  # [T, T]
-
-
-class DeformableDecoderLayer(nn.Module):
-  """DINO / MaskDINO deformable decoder layer (post-norm): self-attn, deformable cross-attn, FFN.
-
-  Parameters: `self_attn` (MultiHeadAttention), `norm2`, `cross_attn`
-  (MSDeformAttn), `norm1`, `linear1`, `linear2`, `norm3` (torch names).
-  FFN kernels are Xavier-uniform (the decoder's reset) with torch-default biases.
-
-  Attributes:
-    d_model: width D.
-    ffn_dim: FFN hidden width.
-    num_heads: attention heads (self and cross).
-    num_levels: memory levels.
-    num_points: deformable sampling points per head and level.
-    dropout: dropout rate.
-    dtype: computation dtype.
-  """
-  d_model: int = 256
-  ffn_dim: int = 2048
-  num_heads: int = 8
-  num_levels: int = 4
-  num_points: int = 4
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tgt: jnp.ndarray, query_pos: jnp.ndarray, reference_boxes: jnp.ndarray,
-               memory: jnp.ndarray, spatial_shapes: Sequence[Tuple[int, int]],
-               self_attn_mask: Optional[jnp.ndarray] = None,
-               deterministic: bool = True) -> jnp.ndarray:
-    """Applies the layer.
-
-    Args:
-      tgt: [B, T, D] query content.
-      query_pos: [B, T, D] query position embedding.
-      reference_boxes: [B, T, L, 4] normalised (cx, cy, w, h) reference boxes per level.
-      memory: [B, S, D] flattened memory.
-      spatial_shapes: static (H_l, W_l) per level.
-      self_attn_mask: optional bool [B, T, T], True where attention is allowed.
-      deterministic: disables dropout when True.
-
-    Returns:
-      [B, T, D] updated queries.
-    """
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    q = tgt + query_pos  # [B, T, D]
-    attn = MultiHeadAttention(num_heads=self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                              name='self_attn')(q, q, tgt, self_attn_mask,
-                                                deterministic)  # [B, T, D]
-    tgt = norm(name='norm2')(tgt + drop(attn))  # [B, T, D]
-    cross = MSDeformAttn(d_model=self.d_model, n_levels=self.num_levels, n_heads=self.num_heads,
-                         n_points=self.num_points, dtype=self.dtype, name='cross_attn')(
-                             tgt + query_pos, reference_boxes, memory, spatial_shapes)  # [B, T, D]
-    tgt = norm(name='norm1')(tgt + drop(cross))  # [B, T, D]
-    hidden = nn.Dense(self.ffn_dim, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                      bias_init=_torch_uniform(self.d_model), name='linear1')(tgt)  # [B, T, F]
-    hidden = drop(nn.relu(hidden))  # [B, T, F]
-    out = nn.Dense(self.d_model, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                   bias_init=_torch_uniform(self.ffn_dim), name='linear2')(hidden)  # [B, T, D]
-    return norm(name='norm3')(tgt + drop(out))  # [B, T, D]
-
-
-class _BoxMLP(nn.Module):
-  """MaskDINO's `_bbox_embed`: 3-layer MLP D -> D -> D -> 4, torch-default init, last layer zero.
-
-  `layers/mlp.py`'s MLP has no init options; parameter names match it (`layers_{i}`).
-
-  Attributes:
-    hidden_dim: width D.
-    dtype: computation dtype.
-  """
-  hidden_dim: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """Maps [..., D] features to [..., 4] box deltas (inverse-sigmoid space)."""
-    init = _torch_uniform(self.hidden_dim)
-    for i in range(2):
-      x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=init, bias_init=init,
-                           name=f'layers_{i}')(x))  # [..., D]
-    return nn.Dense(4, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.zeros, name='layers_2')(x)  # [..., 4]
 
 
 class MaskDINODecoder(nn.Module):
@@ -365,10 +186,10 @@ class MaskDINODecoder(nn.Module):
       raise ValueError(f'MaskDINODecoder: {memory.shape[1]} memory tokens < num_queries={q_num}')
     mask_features = mask_features.astype(self.dtype)  # [B, H/4, W/4, M]
     norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
-    class_embed = nn.Dense(d, dtype=self.dtype, kernel_init=_torch_uniform(d),
-                           bias_init=_torch_uniform(d), name='class_embed')
-    bbox_embed = _BoxMLP(d, dtype=self.dtype, name='bbox_embed')
-    mask_embed = MLP(d, self.mask_dim, 3, dtype=self.dtype, name='mask_embed')
+    class_embed = nn.Dense(d, dtype=self.dtype, kernel_init=torch_default_kernel,
+                           bias_init=torch_default_bias(d), name='class_embed')
+    bbox_embed = HeadMLP(d, 4, 3, zero_last=True, dtype=self.dtype, name='bbox_embed')
+    mask_embed = HeadMLP(d, self.mask_dim, 3, dtype=self.dtype, name='mask_embed')
     decoder_norm = norm(name='decoder_norm')
 
     def heads(queries, with_mask):
@@ -380,9 +201,11 @@ class MaskDINODecoder(nn.Module):
       return class_embed(normed), masks  # [B, n, D], [B, n, H/4, W/4]
 
     # Two-stage query selection.
-    enc_memory, proposals = encoder_output_proposals(memory, shapes)  # [B, S, D], [B, S, 4]
-    enc_memory = nn.Dense(d, dtype=self.dtype, kernel_init=_torch_uniform(d),
-                          bias_init=_torch_uniform(d), name='enc_output')(enc_memory)  # [B, S, D]
+    proposals, keep = encoder_output_proposals(None, shapes, batch=b)  # [B, S, 4], [B, S]
+    enc_memory = jnp.where(keep[..., None], memory, 0).astype(memory.dtype)  # [B, S, D]
+    enc_memory = nn.Dense(d, dtype=self.dtype, kernel_init=torch_default_kernel,
+                          bias_init=torch_default_bias(d),
+                          name='enc_output')(enc_memory)  # [B, S, D]
     enc_memory = norm(name='enc_output_norm')(enc_memory)  # [B, S, D]
     enc_scores = class_embed(enc_memory).max(-1)  # [B, S]
     enc_boxes = bbox_embed(enc_memory).astype(jnp.float32) + proposals  # [B, S, 4]
@@ -396,8 +219,8 @@ class MaskDINODecoder(nn.Module):
     # Denoising queries. The label encoder always runs so that its parameters exist.
     if pooled_text is None:
       pooled_text = pool_sentence_features(text, text_mask)  # [B, L]
-    text_init = _torch_uniform(pooled_text.shape[-1])
-    label_content = nn.Dense(d, dtype=self.dtype, kernel_init=text_init, bias_init=text_init,
+    label_content = nn.Dense(d, dtype=self.dtype, kernel_init=torch_default_kernel,
+                             bias_init=torch_default_bias(pooled_text.shape[-1]),
                              name='label_enc_fc')(pooled_text.astype(self.dtype))  # [B, D]
     label_content = nn.LayerNorm(epsilon=1e-12, dtype=self.dtype,
                                  name='label_enc_norm')(label_content)  # [B, D]
@@ -426,7 +249,7 @@ class MaskDINODecoder(nn.Module):
                            0.0).astype(self.dtype)  # [B, G*N, D]
         tgt = jnp.concatenate([dn_tgt, tgt], axis=1)  # [B, T, D]
         ref_logits = jnp.concatenate([dn_ref, ref_logits], axis=1)  # [B, T, 4]
-        self_mask = jnp.broadcast_to(jnp.asarray(dn_attention_mask(groups, n, q_num))[None],
+        self_mask = jnp.broadcast_to(jnp.asarray(cdn_attention_mask(groups, n, q_num))[None],
                                      (b, pad + q_num, pad + q_num))  # [B, T, T]
 
     # Initial prediction and the decoder layers.
@@ -434,21 +257,22 @@ class MaskDINODecoder(nn.Module):
     e, m = heads(tgt, train)  # [B, T, D], [B, T, H/4, W/4]
     embeds.append(e)
     masks.append(m)
-    ref_point_head = MLP(d, d, 2, dtype=self.dtype, name='ref_point_head')
+    ref_point_head = HeadMLP(d, d, 2, kernel='xavier', dtype=self.dtype, name='ref_point_head')
     reference = jax.nn.sigmoid(ref_logits)  # [B, T, 4]
     references = [reference]
     outputs = []
     out = tgt  # [B, T, D]
     for i in range(self.num_layers):
-      query_pos = ref_point_head(sine_embed_boxes(reference, d).astype(self.dtype))  # [B, T, D]
+      query_pos = ref_point_head(
+          sine_box_embedding(reference, d // 2).astype(self.dtype))  # [B, T, D]
       ref_levels = jnp.broadcast_to(reference[:, :, None, :],
                                     reference.shape[:2] + (len(shapes), 4))  # [B, T, L, 4]
       out = DeformableDecoderLayer(d_model=d, ffn_dim=self.ffn_dim, num_heads=self.num_heads,
                                    num_levels=len(shapes), num_points=self.num_points,
                                    dropout=self.dropout, dtype=self.dtype,
                                    name=f'decoder_layer_{i}')(
-                                       out, query_pos, ref_levels, memory, shapes, self_mask,
-                                       not train)  # [B, T, D]
+                                       out, query_pos, ref_levels, memory, shapes,
+                                       attn_mask=self_mask, deterministic=not train)  # [B, T, D]
       new_reference = jax.nn.sigmoid(bbox_embed(out).astype(jnp.float32)
                                      + inverse_sigmoid(reference))  # [B, T, 4]
       references.append(new_reference)
@@ -572,16 +396,32 @@ class StuffDecoder(nn.Module):
       The dict of the class docstring.
     """
     mask_features, multi_scale = MaskDINOEncoder(
-        conv_dim=self.hidden_dim, mask_dim=self.mask_dim,
-        num_encoder_layers=self.num_encoder_layers, ffn_dim=self.encoder_ffn_dim,
-        num_heads=self.num_heads, num_points=self.num_points, norm_groups=self.norm_groups,
-        dropout=self.dropout, dtype=self.dtype, name='pixel_decoder')(
+        **self.pixel_decoder_fields(), name='pixel_decoder')(
             features, deterministic=not train)  # [B, H/4, W/4, M], 4 x [B, h, w, D]
-    return MaskDINODecoder(
-        hidden_dim=self.hidden_dim, mask_dim=self.mask_dim, num_queries=self.num_queries,
-        num_layers=self.num_decoder_layers, ffn_dim=self.decoder_ffn_dim,
-        num_heads=self.num_heads, num_points=self.num_points, dropout=self.dropout,
-        dn_num=self.dn_num, dn_noise_scale=self.dn_noise_scale,
-        label_enc_dropout=self.label_enc_dropout, prior_prob=self.prior_prob,
-        log_scale_init=self.log_scale_init, dtype=self.dtype, name='predictor')(
-            multi_scale, mask_features, text, text_mask, pooled_text, dn_targets, train)
+    return MaskDINODecoder(**self.predictor_fields(), name='predictor')(
+        multi_scale, mask_features, text, text_mask, pooled_text, dn_targets, train)
+
+  def pixel_decoder_fields(self) -> Dict[str, Any]:
+    """Fields of the `MaskDINOEncoder` held as `pixel_decoder` (params['pixel_decoder']).
+
+    Returns:
+      Keyword arguments of MaskDINOEncoder.
+    """
+    return dict(conv_dim=self.hidden_dim, mask_dim=self.mask_dim,
+                num_encoder_layers=self.num_encoder_layers, ffn_dim=self.encoder_ffn_dim,
+                num_heads=self.num_heads, num_points=self.num_points,
+                norm_groups=self.norm_groups, dropout=self.dropout, dtype=self.dtype)
+
+  def predictor_fields(self) -> Dict[str, Any]:
+    """Fields of the `MaskDINODecoder` held as `predictor` (params['predictor']).
+
+    Returns:
+      Keyword arguments of MaskDINODecoder.
+    """
+    return dict(hidden_dim=self.hidden_dim, mask_dim=self.mask_dim,
+                num_queries=self.num_queries, num_layers=self.num_decoder_layers,
+                ffn_dim=self.decoder_ffn_dim, num_heads=self.num_heads,
+                num_points=self.num_points, dropout=self.dropout, dn_num=self.dn_num,
+                dn_noise_scale=self.dn_noise_scale, label_enc_dropout=self.label_enc_dropout,
+                prior_prob=self.prior_prob, log_scale_init=self.log_scale_init,
+                dtype=self.dtype)

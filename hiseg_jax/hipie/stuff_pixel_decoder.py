@@ -34,14 +34,13 @@ from typing import Dict, List, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hiseg_jax.layers.init import kaiming_uniform_a1
 from hiseg_jax.layers.position_encoding import sine_position_encoding
 from hiseg_jax.pixel_decoder import DeformableEncoderLayer
 from hiseg_jax.pixel_decoder import encoder_reference_points
 
 # Backbone features the stuff branch reads, high resolution first (the encoder's level order).
 IN_FEATURES = ('res3', 'res4', 'res5')
-# detectron2's c2_xavier_fill: Kaiming-uniform with a=1.
-_c2_xavier = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
 
 class MaskDINOEncoder(nn.Module):
@@ -135,17 +134,17 @@ class MaskDINOEncoder(nn.Module):
       multi_scale.append(src[:, start:start + h * w].reshape(b, h, w, d))  # [B, h, w, D]
       start += h * w
 
-    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=_c2_xavier, dtype=self.dtype,
+    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
                       name='lateral_conv')(features['res3'].astype(self.dtype))  # [B, H/8, W/8, D]
     lateral = group_norm(name='lateral_norm')(lateral)  # [B, H/8, W/8, D]
-    y = nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=_c2_xavier,
+    y = nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kaiming_uniform_a1,
                 dtype=self.dtype, name='output_conv')(lateral + multi_scale[0])  # [B, H/8, W/8, D]
     y = nn.relu(group_norm(name='output_norm')(y))  # [B, H/8, W/8, D]
     y = nn.ConvTranspose(d, (2, 2), strides=(2, 2), padding='VALID', transpose_kernel=True,
-                         kernel_init=_c2_xavier, bias_init=nn.initializers.zeros,
+                         kernel_init=kaiming_uniform_a1, bias_init=nn.initializers.zeros,
                          dtype=self.dtype, name='mask_features_deconv')(y)  # [B, H/4, W/4, D]
     y = nn.relu(group_norm(name='mask_features_norm')(y))  # [B, H/4, W/4, D]
-    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=_c2_xavier,
+    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=kaiming_uniform_a1,
                             bias_init=nn.initializers.zeros, dtype=self.dtype,
                             name='mask_features_conv')(y)  # [B, H/4, W/4, mask_dim]
     return mask_features, multi_scale

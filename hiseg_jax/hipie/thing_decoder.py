@@ -1,4 +1,4 @@
-"""HIPIE's thing decoder: fused deformable encoder, two-stage DINO decoder, CondInst masks.
+"""HIPIE's thing decoder: two-stage DINO decoder with CondInst masks on the fused encoder memory.
 
 Reference: HIPIE `DDETRSegmUniDN` (models/ddetrs_dn.py), `DeformableTransformerVLDINO` and its
 decoder (deformable_transformer_dino.py), `DeformableDETRDINO` heads, with the r50 training
@@ -8,7 +8,8 @@ background proposals, DN_NUMBER 100, BOX_NOISE_SCALE 1.0, DROPOUT 0.0, FFN 2048)
 
 Pipeline:
 
-1. `FusedEncoder`: res3-res5 + a stride-64 level, early fusion, 6 deformable encoder layers.
+1. Input: the outputs of `hiseg_jax.hipie.fused_encoder.FusedEncoder` (res3-res5 + a stride-64
+   level, early fusion, 6 deformable encoder layers), which the model runs first.
 2. Two-stage proposals: every unpadded encoder cell whose anchor box (cell centre, side
    0.05 * 2^level) lies inside (0.01, 0.99) gives `LN(Linear(memory))`; a class-agnostic
    objectness Linear (the reference's `Still_Classifier`, bias -log 99) scores it and a box MLP
@@ -46,8 +47,9 @@ T' = T, or 1 when `grounding`):
 * 'masks' [B, Q, H/4, W/4] mask logits (H, W = canvas).
 * 'mask_params' [B, Q, P], 'mask_locations' [B, Q, 2] normalised (x, y): the inputs of
   `dynamic_mask_logits`, so that a loss can compute masks of matched queries only.
-* 'aux': one dict per earlier decoder layer with the keys above ('masks' only when
-  `masks_every_layer`, the default).
+* 'aux': one dict per earlier decoder layer with the keys above ('masks' only when training
+  with `masks_every_layer`, the default; inference computes the last layer's masks only, as the
+  reference's `coco_inference`).
 * 'enc': {'logits' [B, S, 1] objectness logits, 'boxes' [B, S, 4] (1.0 at invalid cells),
   'topk_index' [B, Q] int32} over all S encoder cells.
 * 'dn': None without `dn_targets`; otherwise the same keys as the top level for the 2GN
@@ -63,121 +65,30 @@ T' = T, or 1 when `grounding`):
 Known deviations from the reference: the denoising queries' masks use their own reference
 points (the reference indexes the matching queries' references for them); the denoising
 padding N is the static number of ground-truth slots rather than the batch's largest count;
-the encoder self-attention does not mask padded values (see `fused_encoder`); the
-transformer's query-level `FeatureResizer` is omitted (HIPIE multiplies it by 0).
+the transformer's query-level `FeatureResizer` is omitted (HIPIE multiplies it by 0).
 """
 
 import functools
-import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiseg_jax.hipie.decoder_layer import DeformableDecoderLayer
 from hiseg_jax.hipie.dynamic_mask_head import dynamic_mask_logits
 from hiseg_jax.hipie.dynamic_mask_head import dynamic_param_counts
-from hiseg_jax.hipie.fused_encoder import FusedEncoder
+from hiseg_jax.hipie.query_utils import HeadMLP
+from hiseg_jax.hipie.query_utils import cdn_attention_mask
+from hiseg_jax.hipie.query_utils import encoder_output_proposals
+from hiseg_jax.hipie.query_utils import inverse_sigmoid
+from hiseg_jax.hipie.query_utils import sine_box_embedding
 from hiseg_jax.hipie.vl_align import VLAlign
-from hiseg_jax.layers.attention import MultiHeadAttention
-from hiseg_jax.layers.deformable_attention import MSDeformAttn
-
-# detectron2 / CondInst conv init: kaiming_uniform_(a=1).
-_kaiming_a1 = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
-# torch's default Linear weight init: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
-_torch_kernel = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def _torch_bias(fan_in: int):
-  """torch's default Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def _prior_bias(prior_prob: float):
-  """Constant bias -log((1 - p) / p) (focal-loss prior)."""
-  return nn.initializers.constant(-math.log((1 - prior_prob) / prior_prob))
-
-
-def inverse_sigmoid(x: jnp.ndarray, eps: float = 1e-5) -> jnp.ndarray:
-  """The reference's `inverse_sigmoid`: log(x / (1 - x)) with x clipped to [0, 1] and eps.
-
-  Args:
-    x: values in [0, 1].
-    eps: lower clamp of x and 1 - x.
-
-  Returns:
-    Logits, same shape as x.
-  """
-  x = jnp.clip(x, 0.0, 1.0)  # [...]
-  return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
-
-
-def sine_box_embedding(boxes: jnp.ndarray, num_pos_feats: int = 128,
-                       temperature: float = 10000.0) -> jnp.ndarray:
-  """`get_sine_pos_embed` of the reference: sine features of every coordinate, x and y swapped.
-
-  Args:
-    boxes: [..., K] coordinates in [0, 1] (K = 4: cx, cy, w, h).
-    num_pos_feats: features per coordinate.
-    temperature: frequency base.
-
-  Returns:
-    [..., K * num_pos_feats]: pos(y), pos(x), pos(w), pos(h), each with sin/cos interleaved.
-  """
-  dim_t = np.arange(num_pos_feats, dtype=np.float32)  # [F]
-  dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)  # [F]
-  x = boxes.astype(jnp.float32)[..., None] * (2 * math.pi) / dim_t  # [..., K, F]
-  x = jnp.stack([jnp.sin(x[..., 0::2]), jnp.cos(x[..., 1::2])],
-                axis=-1).reshape(x.shape)  # [..., K, F]
-  k = boxes.shape[-1]
-  order = [1, 0] + list(range(2, k))
-  x = x[..., order, :]  # [..., K, F]
-  return x.reshape(*boxes.shape[:-1], k * num_pos_feats)  # [..., K*F]
-
-
-def encoder_output_proposals(padding_mask: jnp.ndarray,
-                             spatial_shapes: Tuple[Tuple[int, int], ...]
-                             ) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """Anchor boxes of every encoder cell (`gen_encoder_output_proposals`, boxes only).
-
-  Args:
-    padding_mask: bool [B, S], True at padded cells.
-    spatial_shapes: static (H_l, W_l) per level.
-
-  Returns:
-    proposals: [B, S, 4] inverse-sigmoid anchors ((j + 0.5) / valid_W, (i + 0.5) / valid_H,
-      0.05 * 2^l, 0.05 * 2^l), +inf at padded cells and where any coordinate is outside
-      (0.01, 0.99).
-    keep: bool [B, S], True where the anchor is valid and the cell not padded (the memory is
-      zeroed elsewhere).
-  """
-  b = padding_mask.shape[0]
-  proposals = []
-  start = 0
-  for lvl, (h, w) in enumerate(spatial_shapes):
-    pad = padding_mask[:, start:start + h * w].reshape(b, h, w)  # [B, h, w]
-    start += h * w
-    valid_h = jnp.sum(~pad[:, :, 0], axis=1).astype(jnp.float32)  # [B]
-    valid_w = jnp.sum(~pad[:, 0, :], axis=1).astype(jnp.float32)  # [B]
-    grid_y, grid_x = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
-                                 indexing='ij')  # [h, w], [h, w]
-    grid = np.stack([grid_x, grid_y], axis=-1)  # [h, w, 2]
-    scale = jnp.stack([valid_w, valid_h], axis=-1)[:, None, None, :]  # [B, 1, 1, 2]
-    grid = (grid[None] + 0.5) / scale  # [B, h, w, 2]
-    wh = jnp.full_like(grid, 0.05 * (2.0 ** lvl))  # [B, h, w, 2]
-    proposals.append(jnp.concatenate([grid, wh], axis=-1).reshape(b, h * w, 4))  # [B, hw, 4]
-  proposals = jnp.concatenate(proposals, axis=1)  # [B, S, 4]
-  in_range = jnp.all((proposals > 0.01) & (proposals < 0.99), axis=-1)  # [B, S]
-  proposals = jnp.log(proposals / (1 - proposals))  # [B, S, 4]
-  keep = in_range & ~padding_mask  # [B, S]
-  proposals = jnp.where(keep[..., None], proposals, jnp.inf)  # [B, S, 4]
-  return proposals, keep
+from hiseg_jax.layers.init import kaiming_uniform_a1
+from hiseg_jax.layers.init import prior_bias
+from hiseg_jax.layers.init import torch_default_bias
+from hiseg_jax.layers.init import torch_default_kernel
 
 
 def cdn_num_groups(dn_number: int, num_slots: int) -> int:
@@ -185,30 +96,6 @@ def cdn_num_groups(dn_number: int, num_slots: int) -> int:
   if num_slots < 1:
     raise ValueError(f'cdn_num_groups: num_slots={num_slots} must be >= 1')
   return max(1, (2 * dn_number) // (2 * num_slots))
-
-
-def cdn_attention_mask(num_groups: int, group_size: int, num_other: int) -> np.ndarray:
-  """Self-attention mask of denoising + matching queries (DINO `prepare_for_cdn`).
-
-  Args:
-    num_groups: denoising groups G.
-    group_size: queries per group (2N: N positive, N negative).
-    num_other: queries after the denoising part (background + matching).
-
-  Returns:
-    bool [P + num_other, P + num_other], P = G * group_size; True where row may attend to
-    column (the reference's mask negated): the non-denoising queries see only themselves,
-    each group sees itself and the non-denoising queries.
-  """
-  pad = num_groups * group_size
-  size = pad + num_other
-  blocked = np.zeros((size, size), bool)  # [P + O, P + O]
-  blocked[pad:, :pad] = True
-  for i in range(num_groups):
-    rows = slice(group_size * i, group_size * (i + 1))
-    blocked[rows, group_size * (i + 1):pad] = True
-    blocked[rows, :group_size * i] = True
-  return ~blocked
 
 
 def cdn_query_gt(num_groups: int, num_slots: int) -> np.ndarray:
@@ -268,112 +155,6 @@ def _masked_mean(features: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
   return total / jnp.maximum(weights.sum(-1, keepdims=True), 1e-9)  # [B, ..., C]
 
 
-class _MLP(nn.Module):
-  """Linear layers with ReLU between them, with the reference's per-MLP initialisation.
-
-  `hiseg_jax.layers.mlp.MLP` has Flax's default initialisation; the reference MLPs need torch's
-  default (box heads), Xavier weights (modules under the transformer's reset, the controller)
-  and zero last layers (box heads). Parameters are named `layers_{i}` like `MLP`.
-
-  Attributes:
-    hidden_dim: hidden width.
-    output_dim: output width.
-    num_layers: number of Linear layers.
-    kernel: 'torch' (torch's default) or 'xavier'.
-    bias: 'torch' (torch's default) or 'zeros'.
-    zero_last: zero the last layer's weight and bias.
-    dtype: computation dtype.
-  """
-  hidden_dim: int
-  output_dim: int
-  num_layers: int
-  kernel: str = 'torch'
-  bias: str = 'torch'
-  zero_last: bool = False
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """[..., D_in] -> [..., output_dim]."""
-    for i in range(self.num_layers):
-      last = i == self.num_layers - 1
-      fan_in = x.shape[-1]
-      kernel_init = nn.initializers.xavier_uniform() if self.kernel == 'xavier' else _torch_kernel
-      bias_init = nn.initializers.zeros if self.bias == 'zeros' else _torch_bias(fan_in)
-      if last and self.zero_last:
-        kernel_init, bias_init = nn.initializers.zeros, nn.initializers.zeros
-      x = nn.Dense(self.output_dim if last else self.hidden_dim, dtype=self.dtype,
-                   kernel_init=kernel_init, bias_init=bias_init, name=f'layers_{i}')(x)  # [..., W]
-      if not last:
-        x = jax.nn.relu(x)  # [..., hidden_dim]
-    return x
-
-
-class ThingDecoderLayer(nn.Module):
-  """DINO deformable decoder layer (`DeformableTransformerDecoderLayer`), post-norm.
-
-  self-attention (q = k = tgt + pos, v = tgt) -> norm2; deformable cross-attention from
-  tgt + pos at the reference boxes -> norm1; ReLU FFN -> norm3. Parameter names follow the
-  torch module (`self_attn`, `norm2`, `cross_attn`, `norm1`, `linear1`, `linear2`, `norm3`).
-
-  Attributes:
-    d_model: width D.
-    num_heads: attention heads.
-    ffn_dim: FFN hidden width.
-    num_levels: feature levels.
-    num_points: sampling points per head and level.
-    dropout: dropout rate (attention probabilities and residual branches).
-    dtype: computation dtype.
-  """
-  d_model: int = 256
-  num_heads: int = 8
-  ffn_dim: int = 2048
-  num_levels: int = 4
-  num_points: int = 4
-  dropout: float = 0.0
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tgt: jnp.ndarray, query_pos: jnp.ndarray, reference_points: jnp.ndarray,
-               memory: jnp.ndarray, spatial_shapes: Tuple[Tuple[int, int], ...],
-               padding_mask: Optional[jnp.ndarray] = None,
-               attn_mask: Optional[jnp.ndarray] = None,
-               deterministic: bool = True) -> jnp.ndarray:
-    """Applies the layer.
-
-    Args:
-      tgt: [B, Q, D] query content.
-      query_pos: [B, Q, D] query position embedding.
-      reference_points: [B, Q, L, 4] reference boxes (cxcywh) times the valid ratios.
-      memory: [B, S, D] encoder output.
-      spatial_shapes: static (H_l, W_l) per level.
-      padding_mask: optional bool [B, S], True at padded cells.
-      attn_mask: optional bool [B, Q, Q], True where a query may attend.
-      deterministic: disables dropout when True.
-
-    Returns:
-      [B, Q, D] updated queries.
-    """
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype)
-    dense = lambda features, fan_in, name: nn.Dense(
-        features, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=_torch_bias(fan_in), name=name)
-    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    q = tgt + query_pos  # [B, Q, D]
-    attended = MultiHeadAttention(self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                                  name='self_attn')(q, q, tgt, attn_mask,
-                                                    deterministic)  # [B, Q, D]
-    tgt = norm(name='norm2')(tgt + drop(attended))  # [B, Q, D]
-    sampled = MSDeformAttn(d_model=self.d_model, n_levels=self.num_levels,
-                           n_heads=self.num_heads, n_points=self.num_points, dtype=self.dtype,
-                           name='cross_attn')(tgt + query_pos, reference_points, memory,
-                                              spatial_shapes, padding_mask)  # [B, Q, D]
-    tgt = norm(name='norm1')(tgt + drop(sampled))  # [B, Q, D]
-    hidden = jax.nn.relu(dense(self.ffn_dim, self.d_model, 'linear1')(tgt))  # [B, Q, F]
-    out = dense(self.d_model, self.ffn_dim, 'linear2')(drop(hidden))  # [B, Q, D]
-    return norm(name='norm3')(tgt + drop(out))  # [B, Q, D]
-
-
 def _nearest_resize(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
   """torch `F.interpolate(mode='nearest')` of [B, h, w, C] to [B, H, W, C]."""
   h, w = x.shape[1:3]
@@ -410,7 +191,7 @@ class MaskHeadSmallConv(nn.Module):
       [B, H/8, W/8, D/32] features (after ReLU).
     """
     conv = lambda features, name: nn.Conv(
-        features, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=_kaiming_a1,
+        features, (3, 3), padding=[(1, 1), (1, 1)], kernel_init=kaiming_uniform_a1,
         bias_init=nn.initializers.zeros, dtype=self.dtype, name=name)
     d = self.dim
     x = jax.nn.relu(conv(d, 'lay3')(p32))  # [B, H/32, W/32, D]
@@ -423,45 +204,40 @@ class MaskHeadSmallConv(nn.Module):
 
 
 class ThingDecoder(nn.Module):
-  """HIPIE's thing branch from backbone features and text features to boxes, logits and masks.
+  """HIPIE's thing decoder from the fused encoder memory to boxes, token logits and masks.
 
   See the module docstring for the pipeline and the output contract.
 
   Attributes:
-    d_model: width D (256).
+    d_model: width D (256); must equal the encoder memory's width.
     num_heads: attention heads (8).
-    ffn_dim: FFN width of encoder and decoder layers (2048).
-    num_encoder_layers: deformable encoder layers (6).
+    ffn_dim: FFN width of the decoder layers (2048).
     num_decoder_layers: decoder layers (6).
-    num_levels: feature levels (4).
-    num_points: sampling points per head and level, encoder and decoder (4).
+    num_levels: memory levels (4).
+    num_points: sampling points per head and level (4).
     num_queries: two-stage proposals = matching queries K (900).
     num_bg_queries: background queries (10 in HIPIE's configs; 0 disables them).
     dn_number: DINO's `DN_NUMBER` (100): G = max(1, dn_number // N) groups.
     box_noise_scale: denoising box noise (1.0).
     dn_label_source: 'prompt' (HIPIE: pooled prompt) or 'tokens' (each ground truth's tokens).
     look_forward_twice: report boxes refined from the previous layer's undetached box (True).
-    dropout: dropout of encoder/decoder layers and the label resizer (0.0).
-    text_dim: text feature width (768).
-    fusion_embed_dim: fusion attention width (2048).
-    fusion_heads: fusion heads (8).
-    fusion_dropout: fusion attention dropout (0.1).
-    norm_groups: GroupNorm groups of the input projections (32).
+    dropout: dropout of the decoder layers and the label resizer (0.0).
+    text_dim: text feature width (768 for BERT-base).
     dynamic_channels: hidden width of the dynamic mask convs (8).
     dynamic_layers: dynamic 1x1 convs (`CTRL_LAYERS`, 3).
     mask_out_stride: stride of the mask logits (4; the mask features are at stride 8).
-    masks_every_layer: also compute full masks for the 'aux' layers of the matching and
-      denoising queries (True). The reference computes masks of matched queries only; at r50
-      sizes (900 queries, 1024 px) all-query masks on 6 layers cost several GB, and a loss
-      can instead gather matched queries' 'mask_params' / 'mask_locations' and call
-      `dynamic_mask_logits` on 'mask_feats' with this False.
+    masks_every_layer: when training, also compute full masks for the 'aux' layers of the
+      matching and denoising queries (True). The reference computes masks of matched queries
+      only; at r50 sizes (900 queries, 1024 px) all-query masks on 6 layers cost several GB,
+      and a loss can instead gather matched queries' 'mask_params' / 'mask_locations' and call
+      `dynamic_mask_logits` on 'mask_feats' with this False. Inference computes the last
+      layer's masks only.
     prior_prob: focal prior of the objectness, IoU and VL_Align biases (0.01).
     dtype: computation dtype.
   """
   d_model: int = 256
   num_heads: int = 8
   ffn_dim: int = 2048
-  num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   num_levels: int = 4
   num_points: int = 4
@@ -473,10 +249,6 @@ class ThingDecoder(nn.Module):
   look_forward_twice: bool = True
   dropout: float = 0.0
   text_dim: int = 768
-  fusion_embed_dim: int = 2048
-  fusion_heads: int = 8
-  fusion_dropout: float = 0.1
-  norm_groups: int = 32
   dynamic_channels: int = 8
   dynamic_layers: int = 3
   mask_out_stride: int = 4
@@ -484,18 +256,36 @@ class ThingDecoder(nn.Module):
   prior_prob: float = 0.01
   dtype: jnp.dtype = jnp.float32
 
-  def _check(self, text_features, text_mask, dn_targets, image_sizes, batch):
-    """Raises ValueError on inputs that do not fit the contract."""
+  def _check(self, encoded, spatial_shapes, text_features, text_mask, dn_targets, image_sizes):
+    """Raises ValueError on inputs that do not fit the contract; returns the batch size."""
     if self.d_model % 32 or self.d_model % self.num_heads:
       raise ValueError(f'ThingDecoder: d_model={self.d_model} must be a multiple of 32 and of '
                        f'num_heads={self.num_heads}')
     if self.dn_label_source not in ('prompt', 'tokens'):
       raise ValueError(f'ThingDecoder: dn_label_source={self.dn_label_source!r} is not '
                        "'prompt' or 'tokens'")
+    missing = [k for k in ('memory', 'text', 'padding_mask', 'valid_ratios') if k not in encoded]
+    if missing:
+      raise ValueError(f'ThingDecoder: encoded lacks {missing}; got {sorted(encoded)} '
+                       '(pass the outputs of FusedEncoder)')
+    memory = encoded['memory']
+    s = sum(h * w for h, w in spatial_shapes)
+    if (memory.ndim != 3 or memory.shape[1:] != (s, self.d_model)
+        or len(spatial_shapes) != self.num_levels):
+      raise ValueError(f'ThingDecoder: encoded["memory"] shape {memory.shape} is not '
+                       f'[B, {s}, {self.d_model}] for the {self.num_levels} levels '
+                       f'{tuple(spatial_shapes)}')
+    batch = memory.shape[0]
+    if encoded['padding_mask'].shape != (batch, s):
+      raise ValueError(f'ThingDecoder: encoded["padding_mask"] shape '
+                       f'{encoded["padding_mask"].shape} is not [{batch}, {s}]')
     if (text_features.ndim != 3 or text_features.shape[0] != batch
-        or text_features.shape[-1] != self.text_dim or text_mask.shape != text_features.shape[:2]):
+        or text_features.shape[-1] != self.text_dim or text_mask.shape != text_features.shape[:2]
+        or encoded['text'].shape != text_features.shape):
       raise ValueError(f'ThingDecoder: text_features {text_features.shape} / text_mask '
-                       f'{text_mask.shape} are not [{batch}, T, {self.text_dim}] / [{batch}, T]')
+                       f'{text_mask.shape} / fused text {encoded["text"].shape} are not '
+                       f'[{batch}, T, {self.text_dim}] / [{batch}, T] / [{batch}, T, '
+                       f'{self.text_dim}]')
     if image_sizes is not None and image_sizes.shape != (batch, 2):
       raise ValueError(f'ThingDecoder: image_sizes shape {image_sizes.shape} is not [{batch}, 2]')
     if dn_targets is not None:
@@ -515,18 +305,26 @@ class ThingDecoder(nn.Module):
         raise ValueError(f'ThingDecoder: dn_targets["positive_map"] shape '
                          f'{dn_targets["positive_map"].shape} is not '
                          f'{boxes.shape[:2] + text_mask.shape[1:]}')
+    if self.num_queries > s:
+      raise ValueError(f'ThingDecoder: num_queries={self.num_queries} exceeds the {s} encoder '
+                       f'cells of levels {tuple(spatial_shapes)}')
+    return batch
 
   @nn.compact
-  def __call__(self, features: Dict[str, jnp.ndarray], text_features: jnp.ndarray,
+  def __call__(self, encoded: Dict[str, jnp.ndarray],
+               spatial_shapes: Sequence[Tuple[int, int]], text_features: jnp.ndarray,
                text_mask: jnp.ndarray, dn_targets: Optional[Dict[str, jnp.ndarray]] = None,
                image_sizes: Optional[jnp.ndarray] = None, train: bool = False,
                grounding: bool = False) -> Dict:
-    """Runs the thing branch.
+    """Runs the thing decoder.
 
     Args:
-      features: backbone {'res3', 'res4', 'res5'} features [B, H/s, W/s, C_s] of an H x W
-        canvas (H = 8 * res3 height).
-      text_features: [B, T, text_dim] text-encoder token features (before fusion).
+      encoded: the first output of `FusedEncoder`: 'memory' [B, S, D], 'text' [B, T, text_dim]
+        fused text, 'padding_mask' bool [B, S], 'valid_ratios' [B, L, 2].
+      spatial_shapes: the second output of `FusedEncoder`, static ((H_l, W_l), ...), level 0
+        at stride 8 of the H x W canvas.
+      text_features: [B, T, text_dim] text-encoder token features before fusion (the
+        denoising content pools them, as the reference does).
       text_mask: [B, T] bool or {0, 1}, True on real tokens.
       dn_targets: None, or ground truth for denoising: 'boxes' [B, N, 4] normalised cxcywh,
         'valid' [B, N] bool, and for `dn_label_source='tokens'` 'positive_map' [B, N, T].
@@ -534,49 +332,35 @@ class ThingDecoder(nn.Module):
         the 'dropout' rng.
       image_sizes: optional int [B, 2] (height, width) of the valid image on the canvas;
         None means the whole canvas.
-      train: enables dropout (needs the 'dropout' rng).
+      train: enables dropout (needs the 'dropout' rng) and the 'aux' masks.
       grounding: referring mode: logits against the mean-pooled fused text, T' = 1.
 
     Returns:
       The dict described in the module docstring.
     """
-    if 'res3' not in features:
-      raise ValueError(f'ThingDecoder: features lack res3; got {sorted(features)}')
-    b = features['res3'].shape[0]
-    self._check(text_features, text_mask, dn_targets, image_sizes, b)
+    spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
+    b = self._check(encoded, spatial_shapes, text_features, text_mask, dn_targets, image_sizes)
     deterministic = not train
     d = self.d_model
     k = self.num_queries
     text_mask = text_mask.astype(bool)  # [B, T]
-
-    enc, shapes = FusedEncoder(
-        d_model=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-        num_layers=self.num_encoder_layers, num_levels=self.num_levels,
-        num_points=self.num_points, norm_groups=self.norm_groups, dropout=self.dropout,
-        text_dim=self.text_dim, fusion_embed_dim=self.fusion_embed_dim,
-        fusion_heads=self.fusion_heads, fusion_dropout=self.fusion_dropout, dtype=self.dtype,
-        name='encoder')(features, text_features, text_mask, image_sizes,
-                        deterministic)
-    memory = enc['memory']  # [B, S, D]
-    fused_text = enc['text']  # [B, T, Lt]
-    padding_mask = enc['padding_mask']  # [B, S]
-    valid_ratios = enc['valid_ratios']  # [B, L, 2]
-    s = memory.shape[1]
-    if k > s:
-      raise ValueError(f'ThingDecoder: num_queries={k} exceeds the {s} encoder cells of '
-                       f'levels {shapes}')
+    memory = encoded['memory'].astype(self.dtype)  # [B, S, D]
+    fused_text = encoded['text']  # [B, T, Lt]
+    padding_mask = encoded['padding_mask']  # [B, S]
+    valid_ratios = encoded['valid_ratios']  # [B, L, 2]
+    shapes = spatial_shapes
 
     # Two-stage proposals and mixed query selection.
     anchors, keep = encoder_output_proposals(padding_mask, shapes)  # [B, S, 4], [B, S]
     out_mem = jnp.where(keep[..., None], memory, 0.0)  # [B, S, D]
     out_mem = nn.Dense(d, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-                       bias_init=_torch_bias(d), name='enc_output')(out_mem)  # [B, S, D]
+                       bias_init=torch_default_bias(d), name='enc_output')(out_mem)  # [B, S, D]
     out_mem = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype,
                            name='enc_output_norm')(out_mem)  # [B, S, D]
-    enc_logits = nn.Dense(1, dtype=self.dtype, kernel_init=_torch_kernel,
-                          bias_init=_prior_bias(self.prior_prob),
+    enc_logits = nn.Dense(1, dtype=self.dtype, kernel_init=torch_default_kernel,
+                          bias_init=prior_bias(self.prior_prob),
                           name='enc_class')(out_mem).astype(jnp.float32)  # [B, S, 1]
-    enc_unact = _MLP(d, 4, 3, zero_last=True, dtype=self.dtype, name='enc_bbox')(
+    enc_unact = HeadMLP(d, 4, 3, zero_last=True, dtype=self.dtype, name='enc_bbox')(
         out_mem).astype(jnp.float32) + anchors  # [B, S, 4]
     topk_index = jax.lax.top_k(enc_logits[..., 0], k)[1]  # [B, K]
     topk_unact = jnp.take_along_axis(enc_unact, topk_index[..., None], axis=1)  # [B, K, 4]
@@ -591,23 +375,24 @@ class ThingDecoder(nn.Module):
       contents.insert(0, jnp.broadcast_to(bg_embed, (b, nbg, d)))  # [B, Nbg, D]
       refs.insert(0, jnp.broadcast_to(bg_refs, (b, nbg, 4)))  # [B, Nbg, 4]
 
-    # Contrastive denoising queries.
+    # Contrastive denoising queries. The label resizer always runs so that its parameters
+    # exist when the model is initialised without denoising targets.
     attn_mask = None
     pad = 0
+    if dn_targets is None or self.dn_label_source == 'prompt':
+      weights = text_mask[:, None, :]  # [B, 1, T]
+    else:
+      weights = dn_targets['positive_map']  # [B, N, T]
+    pooled = _masked_mean(text_features, weights)  # [B, 1|N, Lt]
+    label = nn.Dense(d, dtype=self.dtype, kernel_init=torch_default_kernel,
+                     bias_init=torch_default_bias(self.text_dim),
+                     name='label_resizer_fc')(pooled)  # [B, 1|N, D]
+    label = nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name='label_resizer_norm')(label)
+    label = nn.Dropout(self.dropout)(label, deterministic=deterministic)  # [B, 1|N, D]
     if dn_targets is not None:
       n = dn_targets['boxes'].shape[1]
       groups = cdn_num_groups(self.dn_number, n)
       pad = 2 * groups * n
-      if self.dn_label_source == 'prompt':
-        weights = text_mask[:, None, :]  # [B, 1, T]
-      else:
-        weights = dn_targets['positive_map']  # [B, N, T]
-      pooled = _masked_mean(text_features, weights)  # [B, 1|N, Lt]
-      label = nn.Dense(d, dtype=self.dtype, kernel_init=_torch_kernel,
-                       bias_init=_torch_bias(self.text_dim),
-                       name='label_resizer_fc')(pooled)  # [B, 1|N, D]
-      label = nn.LayerNorm(epsilon=1e-12, dtype=self.dtype, name='label_resizer_norm')(label)
-      label = nn.Dropout(self.dropout)(label, deterministic=deterministic)  # [B, 1|N, D]
       valid = dn_targets['valid'].astype(bool)[:, None, :, None]  # [B, 1, N, 1]
       content = jnp.where(valid, label[:, None], 0.0)  # [B, 2G|1, N, D]
       content = jnp.broadcast_to(content, (b, 2 * groups, n, d)).reshape(b, pad, d)  # [B, P, D]
@@ -642,9 +427,9 @@ class ThingDecoder(nn.Module):
     else:
       cls_text, cls_mask, out_text_mask = fused_text, text_mask, text_mask
     ratios4 = jnp.concatenate([valid_ratios, valid_ratios], axis=-1)  # [B, L, 4]
-    ref_point_head = _MLP(d, d, 2, kernel='xavier', dtype=self.dtype, name='ref_point_head')
-    controller = _MLP(d, sum(weight_nums) + sum(bias_nums), 3, kernel='xavier', bias='zeros',
-                      dtype=self.dtype, name='controller')
+    ref_point_head = HeadMLP(d, d, 2, kernel='xavier', dtype=self.dtype, name='ref_point_head')
+    controller = HeadMLP(d, sum(weight_nums) + sum(bias_nums), 3, kernel='xavier', bias='zeros',
+                         dtype=self.dtype, name='controller')
     ref_in = reference  # [B, Q', 4]
     ref_prev = reference  # [B, Q', 4]
     hs = tgt  # [B, Q', D]
@@ -652,21 +437,21 @@ class ThingDecoder(nn.Module):
     for lid in range(self.num_decoder_layers):
       ref_input = ref_in[:, :, None, :] * ratios4[:, None]  # [B, Q', L, 4]
       query_pos = ref_point_head(sine_box_embedding(ref_input[:, :, 0], d // 2))  # [B, Q', D]
-      hs = ThingDecoderLayer(
+      hs = DeformableDecoderLayer(
           d_model=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim, num_levels=self.num_levels,
           num_points=self.num_points, dropout=self.dropout, dtype=self.dtype,
           name=f'decoder_layer_{lid}')(hs, query_pos, ref_input, memory, shapes, padding_mask,
                                        attn_mask, deterministic)  # [B, Q', D]
-      delta = _MLP(d, 4, 3, zero_last=True, dtype=self.dtype,
-                   name=f'bbox_embed_{lid}')(hs).astype(jnp.float32)  # [B, Q', 4]
+      delta = HeadMLP(d, 4, 3, zero_last=True, dtype=self.dtype,
+                      name=f'bbox_embed_{lid}')(hs).astype(jnp.float32)  # [B, Q', 4]
       new_ref = jax.nn.sigmoid(delta + inverse_sigmoid(ref_in))  # [B, Q', 4]
       base = ref_prev if self.look_forward_twice else ref_in  # [B, Q', 4]
       layers.append({
           'logits': VLAlign(d, prior_prob=self.prior_prob, dtype=self.dtype,
                             name=f'class_embed_{lid}')(hs, cls_text, cls_mask),  # [B, Q', T']
           'boxes': jax.nn.sigmoid(delta + inverse_sigmoid(base)),  # [B, Q', 4]
-          'ious': nn.Dense(1, dtype=self.dtype, kernel_init=_torch_kernel,
-                           bias_init=_prior_bias(self.prior_prob),
+          'ious': nn.Dense(1, dtype=self.dtype, kernel_init=torch_default_kernel,
+                           bias_init=prior_bias(self.prior_prob),
                            name=f'iou_head_{lid}')(hs)[..., 0].astype(jnp.float32),  # [B, Q']
           'mask_params': controller(hs).astype(jnp.float32),  # [B, Q', P]
           'mask_locations': jax.nn.sigmoid(inverse_sigmoid(base))[..., :2],  # [B, Q', 2]
@@ -687,12 +472,13 @@ class ThingDecoder(nn.Module):
       final['aux'] = outs[:-1]
       return final
 
-    outputs = part(pad + nbg, pad + nbg + k, True, self.masks_every_layer)
+    aux_masks = self.masks_every_layer and train
+    outputs = part(pad + nbg, pad + nbg + k, True, aux_masks)
     outputs['enc'] = {'logits': enc_logits, 'boxes': jax.nn.sigmoid(enc_unact),
                       'topk_index': topk_index.astype(jnp.int32)}
     outputs['dn'] = None
     if dn_targets is not None:
-      dn = part(0, pad, True, self.masks_every_layer)
+      dn = part(0, pad, True, aux_masks)
       dn.update(groups=groups, group_size=2 * n, padding_size=pad,
                 query_gt=jnp.asarray(cdn_query_gt(groups, n)))
       outputs['dn'] = dn

@@ -24,22 +24,19 @@ Parameter names follow the torch module: `dot_product_projection_text`
 (Dense, torch-default init), `log_scale` [1], `bias_lang` [L], `bias0` [1].
 """
 
-import math
 from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from hiseg_jax.layers.init import prior_bias
+from hiseg_jax.layers.init import torch_default_bias
+from hiseg_jax.layers.init import torch_default_kernel
+
 # Logit clamp of the reference (float16-safe bound).
 LOGIT_CLAMP = 50000.0
 # Logit given to padded text tokens when a text mask is passed.
 PADDED_TOKEN_LOGIT = -LOGIT_CLAMP
-
-
-def _torch_linear_init(key, shape, dtype=jnp.float32, fan_in=1):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), torch's default for Linear weights and biases."""
-  bound = 1.0 / math.sqrt(fan_in)
-  return nn.initializers.uniform(scale=2 * bound)(key, shape, dtype) - bound
 
 
 class VLAlign(nn.Module):
@@ -83,19 +80,16 @@ class VLAlign(nn.Module):
           f'text_mask [B, T]; got queries {queries.shape}, text {text.shape}, text_mask '
           f'{None if text_mask is None else text_mask.shape}')
     lang_dim = text.shape[-1]
-    fan_in_init = lambda key, shape, dtype=jnp.float32: _torch_linear_init(
-        key, shape, dtype, fan_in=lang_dim)
     log_scale = self.param('log_scale', nn.initializers.constant(self.log_scale_init),
                            (1,))  # [1]
     bias_lang = self.param('bias_lang', nn.initializers.zeros, (lang_dim,))  # [L]
-    bias0 = self.param('bias0', nn.initializers.constant(
-        -math.log((1 - self.prior_prob) / self.prior_prob)), (1,))  # [1]
+    bias0 = self.param('bias0', prior_bias(self.prior_prob), (1,))  # [1]
 
     text = text.astype(jnp.float32)  # [B, T, L]
     norm = jnp.sqrt(jnp.sum(text * text, axis=-1, keepdims=True))  # [B, T, 1]
     text = text / jnp.maximum(norm, 1e-12)  # [B, T, L]
-    tokens = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=fan_in_init,
-                      bias_init=fan_in_init,
+    tokens = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=torch_default_kernel,
+                      bias_init=torch_default_bias(lang_dim),
                       name='dot_product_projection_text')(text / 2.0)  # [B, T, D]
     token_bias = text @ bias_lang + bias0  # [B, T]
     logits = jnp.einsum('bqd,btd->bqt', queries, tokens,
