@@ -18,7 +18,6 @@ checkpoints, or a --step that was not saved, ends the command with exit status
 """
 
 import json
-import logging as std_logging
 import os
 import sys
 
@@ -29,8 +28,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from eval import writers
-from hiseg_jax import config_validation
-from hiseg_jax import registry
+from hiseg_jax import cli
 from hiseg_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,11 +43,6 @@ _OUT = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO records so the progress bar stays readable."""
-  return record.levelno > std_logging.INFO or '/orbax/' not in record.pathname
-
-
 def main(argv: list) -> None:
   """Validates the config, restores the checkpoint, evaluates and writes DIR.
 
@@ -62,11 +55,7 @@ def main(argv: list) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  logging.get_absl_handler().addFilter(_quiet_orbax)
-  spec = registry.get(config_validation.model_name(config))
-  config_validation.validate(config, spec.config_sections)
-  if config.multihost:
-    jax.distributed.initialize()
+  spec = cli.start(config)
   workdir = os.path.abspath(_WORKDIR.value)
   out_dir = os.path.abspath(_OUT.value)
   try:

@@ -14,7 +14,6 @@ from the cluster (Cloud TPU, SLURM, Open MPI, Kubernetes; or
 JAX_COORDINATOR_ADDRESS with a detectable cluster).
 """
 
-import logging as std_logging
 
 import jax
 from absl import app
@@ -22,8 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from hiseg_jax import config_validation
-from hiseg_jax import registry
+from hiseg_jax import cli
 from hiseg_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,11 +30,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Work directory for checkpoints, metrics and evaluation.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's per-save INFO records so the progress bar stays readable."""
-  return record.levelno > std_logging.INFO or '/orbax/' not in record.pathname
 
 
 def main(argv: list) -> None:
@@ -51,11 +44,7 @@ def main(argv: list) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  logging.get_absl_handler().addFilter(_quiet_orbax)
-  spec = registry.get(config_validation.model_name(config))
-  config_validation.validate(config, spec.config_sections)
-  if config.multihost:
-    jax.distributed.initialize()
+  cli.start(config)
   logging.info('jax %s, process %d of %d, %d local / %d global %s devices',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
