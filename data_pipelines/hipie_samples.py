@@ -563,21 +563,10 @@ class SampleBuilder:
             _Targets(transforms.warp_masks(stuff_masks, geom), np.asarray(stuff_classes, np.int64)))
 
   def _sentence_tokens(self, sentence: str) -> tuple[np.ndarray, np.ndarray]:
-    """ids [T] and mask [T] of a sentence, truncated to T (keeping [SEP]) and zero-padded.
-
-    Equals `prompts.tokenize_sentences`, which asks the fast tokenizer to pad and truncate; that
-    changes the tokenizer's shared padding state, and grain builds samples in several threads
-    that share one tokenizer, so here the padding and truncation are done on the plain encoding.
-    """
-    t = self._settings.max_text_len
-    enc = self._tokenizer(sentence, add_special_tokens=True)["input_ids"]
-    if len(enc) > t:
-      enc = enc[:t - 1] + [self._tokenizer.sep_token_id]
-    ids = np.full(t, self._tokenizer.pad_token_id, np.int32)  # [T]
-    ids[:len(enc)] = enc
-    mask = np.zeros(t, np.int32)  # [T]
-    mask[:len(enc)] = 1
-    return ids, mask
+    """ids [T] and mask [T] of a sentence, truncated to T (keeping [SEP]) and zero-padded."""
+    ids, mask = prompts.tokenize_sentences([sentence], self._tokenizer,
+                                           self._settings.max_text_len)  # [1, T] x 2
+    return ids[0], mask[0]
 
   def _referring(self, record: records_lib.ImageRecord, rng: Optional[np.random.Generator],
                  expression: int, where: str) -> dict[str, np.ndarray]:

@@ -252,6 +252,9 @@ def test_referring_sentences_and_sentence_pooling(tokenizer):
   sentences = ['the man on the left holding an umbrella', 'dog']
   ids, mask = prompts.tokenize_sentences(sentences, tokenizer, max_length=6)
   assert ids.shape == (2, 6) and mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+  direct = tokenizer(sentences, padding='max_length', truncation=True, max_length=6)
+  np.testing.assert_array_equal(ids, direct['input_ids'])
+  np.testing.assert_array_equal(mask, direct['attention_mask'])
   assert ids[0, -1] == tokenizer.sep_token_id and ids[0, 0] == tokenizer.cls_token_id
   feats = np.random.default_rng(2).standard_normal((2, 6, 5)).astype(np.float32)
   avg = prompts.pool_sentence_features(jnp.asarray(feats), jnp.asarray(mask), 'average')

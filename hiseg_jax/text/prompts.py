@@ -285,20 +285,33 @@ def tokenize_sentences(sentences: Sequence[str],
                        max_length: int) -> Tuple[np.ndarray, np.ndarray]:
   """Tokenises referring sentences to a fixed length (padding and truncation).
 
+  Equals `tokenizer(sentences, padding='max_length', truncation=True, max_length=L)` ([CLS],
+  the first L-2 tokens, [SEP], then padding), but pads and truncates the plain encoding here:
+  asking a fast tokenizer to pad or truncate changes its shared state, and grain builds samples
+  in several threads that share one tokenizer.
+
   Args:
     sentences: N sentences.
     tokenizer: a BERT tokenizer.
-    max_length: fixed token length L (HIPIE's MAX_QUERY_LEN).
+    max_length: fixed token length L (HIPIE's MAX_QUERY_LEN), at least 2.
 
   Returns:
     ids [N, L] int32 and attention mask [N, L] int32.
   """
   if not sentences:
     raise ValueError('tokenize_sentences: no sentences')
-  enc = tokenizer(list(sentences), padding='max_length', truncation=True,
-                  max_length=max_length)
-  return (np.asarray(enc['input_ids'], np.int32),  # [N, L]
-          np.asarray(enc['attention_mask'], np.int32))  # [N, L]
+  if max_length < 2:
+    raise ValueError(f'tokenize_sentences: max_length {max_length} leaves no room for [CLS] and '
+                     '[SEP]')
+  ids = np.full((len(sentences), max_length), tokenizer.pad_token_id, np.int32)  # [N, L]
+  mask = np.zeros((len(sentences), max_length), np.int32)  # [N, L]
+  for i, sentence in enumerate(sentences):
+    enc = tokenizer(sentence, add_special_tokens=True)['input_ids']
+    if len(enc) > max_length:
+      enc = enc[:max_length - 1] + [tokenizer.sep_token_id]
+    ids[i, :len(enc)] = enc
+    mask[i, :len(enc)] = 1
+  return ids, mask
 
 
 def pool_sentence_features(features: jnp.ndarray, attention_mask: jnp.ndarray,
