@@ -17,39 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hiseg_jax.layers.deformable_attention import ms_deform_attn_core
+from tests.torch_references import torch_ms_deform_attn_core
 
 SHAPES = ((64, 64), (32, 32), (16, 16), (8, 8))
 BATCH, HEADS, HEAD_DIM, POINTS = 2, 8, 32, 4
-
-
-def torch_reference(value, shapes, locations, weights):
-  """PyTorch reference formulation (ms_deform_attn_core_pytorch), our transcription.
-
-  Args:
-    value: [B, S, Hh, Dh] tensor.
-    shapes: ((H, W), ...) per level.
-    locations: [B, Nq, Hh, L, P, 2] normalised (x, y).
-    weights: [B, Nq, Hh, L, P].
-
-  Returns:
-    [B, Nq, Hh*Dh] tensor.
-  """
-  b, _, hh, dh = value.shape
-  _, nq, _, n_levels, n_points, _ = locations.shape
-  values = value.split([h * w for h, w in shapes], dim=1)
-  grids = 2 * locations - 1
-  samples = []
-  for lvl, (h, w) in enumerate(shapes):
-    v = values[lvl].flatten(2).transpose(1, 2).reshape(b * hh, dh, h, w)  # [BHh, Dh, H, W]
-    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [BHh, Nq, P, 2]
-    samples.append(F.grid_sample(v, g, mode='bilinear', padding_mode='zeros',
-                                 align_corners=False))  # [BHh, Dh, Nq, P]
-  weights = weights.transpose(1, 2).reshape(b * hh, 1, nq, n_levels * n_points)  # [BHh, 1, Nq, LP]
-  out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # [BHh, Dh, Nq]
-  return out.view(b, hh * dh, nq).transpose(1, 2).contiguous()  # [B, Nq, Hh*Dh]
 
 
 def best_of_interleaved(fns, repeats):
@@ -96,12 +69,12 @@ def main():
 
   def torch_fwd():
     with torch.no_grad():
-      return torch_reference(tv, SHAPES, tl, tw)
+      return torch_ms_deform_attn_core(tv, SHAPES, tl, tw)
 
   def torch_fwd_bwd():
     for t in (tv, tl, tw):
       t.grad = None
-    (torch_reference(tv, SHAPES, tl, tw) * tcot).sum().backward()
+    (torch_ms_deform_attn_core(tv, SHAPES, tl, tw) * tcot).sum().backward()
     return [t.grad for t in (tv, tl, tw)]
 
   jv, jl, jw, jcot = [jnp.asarray(x) for x in (value, locations, weights, cot)]
