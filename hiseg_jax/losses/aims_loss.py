@@ -61,6 +61,7 @@ import jax.numpy as jnp
 
 from data_pipelines import aims_mixture
 from hiseg_jax.losses.association_loss import association_loss
+from hiseg_jax.losses.loss_config import check_loss_config
 from hiseg_jax.losses.mask_losses import sampled_mask_losses
 from hiseg_jax.losses.objectness_loss import objectness_loss
 from hiseg_jax.matching import get_matcher
@@ -129,24 +130,7 @@ def check_aims_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   Raises:
     ValueError: on missing or unknown keys, wrong types or bad values.
   """
-  keys = set(config.keys())
-  missing = sorted(set(_CONFIG_TYPES) - keys)
-  unknown = sorted(keys - set(_CONFIG_TYPES))
-  if missing or unknown:
-    raise ValueError(f"AIMS loss config: missing keys {missing}, unknown keys {unknown}; "
-                     f"expected exactly {sorted(_CONFIG_TYPES)}")
-  out = {}
-  for key, types in _CONFIG_TYPES.items():
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, types):
-      raise ValueError(f"AIMS loss config: {key} must be {'/'.join(t.__name__ for t in types)}, "
-                       f"got {value!r}")
-    out[key] = value
-  if out["num_points"] <= 0 or out["match_num_points"] <= 0:
-    raise ValueError(f"AIMS loss config: num_points and match_num_points must be > 0, got "
-                     f"{out['num_points']} and {out['match_num_points']}")
-  get_matcher(out["matcher"])
-  return out
+  return check_loss_config("AIMS loss config", config, _CONFIG_TYPES)
 
 
 def _check_level_outputs(level: str, block: Mapping[str, Any], where: str,

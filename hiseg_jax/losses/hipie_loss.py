@@ -105,6 +105,7 @@ import jax.numpy as jnp
 from hiseg_jax.boxes import box_cxcywh_to_xyxy
 from hiseg_jax.boxes import box_l1_distance
 from hiseg_jax.boxes import generalized_box_iou
+from hiseg_jax.losses.loss_config import check_loss_config
 from hiseg_jax.losses.box_losses import box_iou_bce_loss
 from hiseg_jax.losses.box_losses import giou_loss
 from hiseg_jax.losses.box_losses import l1_box_loss
@@ -206,32 +207,6 @@ def default_hipie_loss_config() -> Dict[str, Dict[str, Any]]:
   return {"thing": default_thing_loss_config(), "stuff": default_stuff_loss_config()}
 
 
-def _check_config(name: str, config: Mapping[str, Any],
-                  types: Mapping[str, Tuple[type, ...]]) -> Dict[str, Any]:
-  keys = set(config.keys())
-  missing = sorted(set(types) - keys)
-  unknown = sorted(keys - set(types))
-  if missing or unknown:
-    raise ValueError(f"{name}: missing keys {missing}, unknown keys {unknown}; expected "
-                     f"exactly {sorted(types)}")
-  out = {}
-  for key, allowed in types.items():
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, allowed):
-      raise ValueError(f"{name}: {key} must be {'/'.join(t.__name__ for t in allowed)}, "
-                       f"got {value!r}")
-    out[key] = value
-  for key in ("num_points", "match_num_points", "candidate_k"):
-    if key in out and out[key] <= 0:
-      raise ValueError(f"{name}: {key} must be > 0, got {out[key]}")
-  if out["oversample_ratio"] < 1 or not 0 <= out["importance_sample_ratio"] <= 1:
-    raise ValueError(f"{name}: oversample_ratio must be >= 1 and importance_sample_ratio in "
-                     f"[0, 1]; got {out['oversample_ratio']} and "
-                     f"{out['importance_sample_ratio']}")
-  get_matcher(out["matcher"])
-  return out
-
-
 def check_thing_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   """Validates a thing-criterion config (dict or ConfigDict) and returns a plain dict.
 
@@ -244,7 +219,7 @@ def check_thing_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   Raises:
     ValueError: on missing or unknown keys, wrong types or bad values.
   """
-  return _check_config("HIPIE thing loss config", config, _THING_TYPES)
+  return check_loss_config("HIPIE thing loss config", config, _THING_TYPES)
 
 
 def check_stuff_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -259,7 +234,7 @@ def check_stuff_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   Raises:
     ValueError: on missing or unknown keys, wrong types or bad values.
   """
-  return _check_config("HIPIE stuff loss config", config, _STUFF_TYPES)
+  return check_loss_config("HIPIE stuff loss config", config, _STUFF_TYPES)
 
 
 def check_hipie_loss_config(config: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
