@@ -69,7 +69,7 @@ def level_valid_masks(image_sizes: Optional[jnp.ndarray], batch: int,
   else:
     rows = jnp.arange(height)[None, :] < image_sizes[:, 0:1]  # [B, H]
     cols = jnp.arange(width)[None, :] < image_sizes[:, 1:2]  # [B, W]
-  masks = []
+  masks, first = [], (rows, cols)
   for lvl, (h, w) in enumerate(spatial_shapes):
     src_rows, src_cols = (rows, cols) if lvl < len(FEATURE_KEYS) else first
     r = _nearest_valid(src_rows, h)  # [B, h]
