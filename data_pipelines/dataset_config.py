@@ -15,11 +15,15 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping
 
+import jax
 import ml_collections
 
 from data_pipelines import readers
+from data_pipelines import synthetic
 from data_pipelines.synthetic import is_path_key
 from data_pipelines.synthetic import layout
+
+SYNTHETIC_DONE = "DONE"
 
 
 def synthetic_entry(fmt: str, split: str) -> ml_collections.ConfigDict:
@@ -95,3 +99,37 @@ def build_sources(datasets: ml_collections.ConfigDict, names: Iterable[str],
       raise ValueError(f"config.datasets.{name}: arguments {sorted(kwargs)} do not fit the "
                        f"{entry['format']} reader: {e}") from e
   return out
+
+
+def default_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The default dataset root: `config.data_root`, or the synthetic dataset in the workdir.
+
+  The synthetic dataset is generated on first use into `workdir/data/synthetic` from
+  `config.synthetic` (num_train, num_val, image_size, seed) by process 0 (the others wait) and
+  marked complete with a `DONE` file, so a run killed while generating regenerates it.
+
+  Args:
+    config: the run config (`data_root`, `synthetic`).
+    workdir: the run's directory.
+
+  Returns:
+    The root path.
+
+  Raises:
+    FileNotFoundError: when `config.data_root` does not exist.
+  """
+  if config.data_root:
+    if not os.path.isdir(config.data_root):
+      raise FileNotFoundError(f"config.data_root {config.data_root!r} is not a directory")
+    return config.data_root
+  root = os.path.join(workdir, "data", "synthetic")
+  done = os.path.join(root, SYNTHETIC_DONE)
+  if jax.process_index() == 0 and not os.path.exists(done):
+    s = config.synthetic
+    summary = synthetic.generate(root, s.num_train, s.num_val, s.image_size, s.seed)
+    with open(done, "w") as f:
+      f.write(f"{summary['seconds']}\n")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("synthetic data")
+  return root

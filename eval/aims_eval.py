@@ -205,7 +205,8 @@ def evaluate(module, variables: Any, config: ml_collections.ConfigDict, workdir:
   """
   from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
   names = [config.eval[key] for key, _, _ in SUBSETS.values() if config.eval[key]]
-  sources = dataset_config.build_sources(config.datasets, names, spec.data_root(config, workdir))
+  sources = dataset_config.build_sources(config.datasets, names,
+                                         dataset_config.default_root(config, workdir))
   predict = _predict_fn(module, config)
   metrics: Dict[str, float] = {}
   for subset, (key, levels, assoc_key) in SUBSETS.items():

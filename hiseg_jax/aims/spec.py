@@ -6,7 +6,6 @@ What the one trainer needs from AIMS (hiseg_jax/registry.py): the module built f
 evaluation of `eval.aims_eval`.
 """
 
-import os
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
@@ -17,17 +16,11 @@ import numpy as np
 from data_pipelines import aims_mixture
 from data_pipelines import dataset_config
 from data_pipelines import pipeline
-from data_pipelines import synthetic
 from hiseg_jax import registry
 from hiseg_jax.aims.model import AIMSModel
 from hiseg_jax.aims.model import build_aims_model
+from hiseg_jax.backbones.image_normalization import normalize_image
 from hiseg_jax.losses.aims_loss import aims_set_criterion
-
-# ImageNet statistics in 0..255 (torchvision / detectron2 convention).
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-
-SYNTHETIC_DONE = 'DONE'
 
 
 def build(config: ml_collections.ConfigDict) -> AIMSModel:
@@ -54,20 +47,6 @@ def init_inputs(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   s = config.image_size
   return {'image': np.zeros((1, s, s, 3), np.float32),
           'prompt_mask': np.ones((1, s, s), np.float32), 'train': False}
-
-
-def normalize_image(image: jax.Array) -> jax.Array:
-  """uint8 [B, H, W, 3] -> float32 normalised with the ImageNet statistics.
-
-  Args:
-    image: uint8 or float [B, H, W, 3] in 0..255.
-
-  Returns:
-    float32 [B, H, W, 3].
-  """
-  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)  # [3]
-  std = jnp.asarray(PIXEL_STD, jnp.float32)  # [3]
-  return (image.astype(jnp.float32) - mean) / std  # [B, H, W, 3]
 
 
 def apply_model(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array],
@@ -114,40 +93,6 @@ def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], r
   return loss, terms
 
 
-def data_root(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The default dataset root: `config.data_root`, or the synthetic dataset in the workdir.
-
-  The synthetic dataset is generated on first use into `workdir/data/synthetic` (process 0;
-  the others wait) and marked complete with a `DONE` file, so a run killed while generating
-  regenerates it.
-
-  Args:
-    config: the run config.
-    workdir: the run's directory.
-
-  Returns:
-    The root path.
-
-  Raises:
-    FileNotFoundError: when `config.data_root` does not exist.
-  """
-  if config.data_root:
-    if not os.path.isdir(config.data_root):
-      raise FileNotFoundError(f'config.data_root {config.data_root!r} is not a directory')
-    return config.data_root
-  root = os.path.join(workdir, 'data', 'synthetic')
-  done = os.path.join(root, SYNTHETIC_DONE)
-  if jax.process_index() == 0 and not os.path.exists(done):
-    s = config.synthetic
-    summary = synthetic.generate(root, s.num_train, s.num_val, s.image_size, s.seed)
-    with open(done, 'w') as f:
-      f.write(f"{summary['seconds']}\n")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('aims synthetic data')
-  return root
-
-
 def input_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config section `data_pipelines.pipeline` reads, from `config.input` and trainer keys.
 
@@ -176,7 +121,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str):
     A checkpointable grain iterator.
   """
   names = [n for n in aims_mixture.TABLE_DATASETS if n in config.datasets]
-  sources = dataset_config.build_sources(config.datasets, names, data_root(config, workdir))
+  sources = dataset_config.build_sources(config.datasets, names,
+                                         dataset_config.default_root(config, workdir))
   return iter(pipeline.build_train_pipeline(input_section(config), sources).dataset)
 
 
