@@ -104,7 +104,8 @@ def test_aligned_bilinear_matches_torch(factor):
   ref = torch_aligned_bilinear(torch.from_numpy(x), factor).numpy()
   out = np.asarray(aligned_bilinear(jnp.asarray(x), factor))
   assert out.shape == ref.shape == (2, 3, 5 * factor, 7 * factor)
-  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  # Inputs of size ~2: weights such as 1/3 round differently in f32 (one ulp of the inputs).
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=3e-6)
 
 
 def test_compute_locations_matches_torch():

@@ -108,22 +108,29 @@ def compute_locations(height: int, width: int, stride: int) -> np.ndarray:
   return np.stack([grid_x, grid_y], axis=-1)  # [h, w, 2]
 
 
-def _aligned_bilinear_taps(size: int, factor: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Source indices and weights of `aligned_bilinear` along one axis of length `size`."""
+def _aligned_bilinear_matrix(size: int, factor: int) -> np.ndarray:
+  """The [factor * size, size] interpolation matrix of `aligned_bilinear` along one axis."""
   # Output j reads the resized signal at j - factor // 2 (clamped at 0: the
   # front replicate pad); the resized signal at i samples the end-padded input
-  # (length size + 1) at i / factor (align_corners=True).
+  # (length size + 1) at i / factor (align_corners=True). The end pad replicates
+  # the last element, so padded index `size` is input `size - 1`.
   resized = np.maximum(np.arange(factor * size) - factor // 2, 0)  # [f*n]
   src = resized.astype(np.float64) / factor  # [f*n]
   lo = np.floor(src).astype(np.int64)  # [f*n]
-  frac = (src - lo).astype(np.float32)  # [f*n]
-  hi = np.minimum(lo + 1, size)  # [f*n]  index into the end-padded signal
-  # The end pad replicates the last element: padded index `size` is input `size - 1`.
-  return np.minimum(lo, size - 1), np.minimum(hi, size - 1), frac
+  frac = src - lo  # [f*n]
+  hi = np.minimum(lo + 1, size)  # [f*n]
+  rows = np.arange(factor * size)  # [f*n]
+  matrix = np.zeros((factor * size, size), np.float64)  # [f*n, n]
+  np.add.at(matrix, (rows, np.minimum(lo, size - 1)), 1.0 - frac)
+  np.add.at(matrix, (rows, np.minimum(hi, size - 1)), frac)
+  return matrix.astype(np.float32)
 
 
 def aligned_bilinear(x: jnp.ndarray, factor: int) -> jnp.ndarray:
   """CondInst's `aligned_bilinear` upsampling over the last two axes.
+
+  Each axis is a product with its [factor * n, n] interpolation matrix (two taps per row), so the
+  backward pass is a matrix product too instead of a scatter-add (slow on CPU).
 
   Args:
     x: [..., h, w] input.
@@ -142,12 +149,10 @@ def aligned_bilinear(x: jnp.ndarray, factor: int) -> jnp.ndarray:
   if factor == 1:
     return x
   h, w = x.shape[-2:]
-  lo, hi, frac = _aligned_bilinear_taps(h, factor)
-  x = (jnp.take(x, lo, axis=-2) * (1 - frac)[:, None]
-       + jnp.take(x, hi, axis=-2) * frac[:, None])  # [..., f*h, w]
-  lo, hi, frac = _aligned_bilinear_taps(w, factor)
-  x = jnp.take(x, lo, axis=-1) * (1 - frac) + jnp.take(x, hi, axis=-1) * frac  # [..., f*h, f*w]
-  return x
+  rows = jnp.asarray(_aligned_bilinear_matrix(h, factor), x.dtype)  # [f*h, h]
+  cols = jnp.asarray(_aligned_bilinear_matrix(w, factor), x.dtype)  # [f*w, w]
+  x = jnp.einsum('...hw,Hh->...Hw', x, rows, precision='highest')  # [..., f*h, w]
+  return jnp.einsum('...Hw,Ww->...HW', x, cols, precision='highest')  # [..., f*h, f*w]
 
 
 def dynamic_mask_logits(mask_feats: jnp.ndarray,
