@@ -10,6 +10,8 @@ One `DatasetWriter` collects the annotations of every image and writes, under th
   ppp/labels/{training,validation}/<stem>.tif         Pascal-Panoptic-Parts int32 uids
   psg/psg.json                                        COCO-PSG (both splits; val = test_image_ids)
   refcoco/refs(unc).p + refcoco/instances.json        RefCOCO layout (polygons / uncompressed RLE)
+  text/vocab.txt                                      a whole-word BERT vocabulary of every class,
+                                                      part and colour name, predicate and sentence
 
 Ids: image ids are 1..N (train) then N+1..N+M (val), stem = 12-digit zero-padded id; the thing or
 stuff segment e of an image has id image_id·100 + e + 1 in every format; part annotations follow
@@ -30,11 +32,14 @@ from PIL import Image
 from data_pipelines import mask_codec
 from data_pipelines.synthetic import scene as scene_lib
 from data_pipelines.synthetic import taxonomy
+from hiseg_jax.text import prompts
+from hiseg_jax.text.tokenizer import write_word_vocab
 
 SPLITS = ("train", "val")
 PPP_SPLITS = {"train": "training", "val": "validation"}
 PSG_SPLITS = {"train": "train", "val": "test"}
 IDS_PER_IMAGE = 100
+VOCAB_FILE = os.path.join("text", "vocab.txt")
 PACO_OBJECTS = tuple(c for c, parts in taxonomy.THING_PARTS.items() if parts)
 
 
@@ -280,3 +285,8 @@ class DatasetWriter:
                 "categories": thing_cats}, os.path.join(out, "refcoco", "instances.json"))
     with open(os.path.join(out, "refcoco", "refs(unc).p"), "wb") as f:
       pickle.dump(self.refs, f, protocol=2)
+    texts = list(taxonomy.THING_CLASSES + taxonomy.STUFF_CLASSES + taxonomy.COLOUR_NAMES
+                 + taxonomy.PREDICATES) + part_names
+    texts += [x["sent"] for ref in self.refs for x in ref["sentences"]]
+    texts.append(prompts.SEPARATOR)  # joins the class names of a prompt
+    write_word_vocab(os.path.join(out, VOCAB_FILE), texts)

@@ -11,8 +11,9 @@ vocabularies such as bert-base-uncased lower-case), unless given explicitly.
 import collections
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
+import tokenizers
 import transformers
 
 VOCAB_NAME = 'vocab.txt'
@@ -41,6 +42,38 @@ def read_vocab(path: str) -> Dict[str, int]:
   return vocab
 
 
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
+
+
+def write_word_vocab(path: str, texts: Iterable[str]) -> int:
+  """Writes a whole-word vocabulary covering a closed set of texts (e.g. a synthetic dataset).
+
+  Every text is split as `BertTokenizerFast` splits it before word pieces (BERT normaliser with
+  lower-casing, then whitespace and punctuation), so the tokenizer built from the file maps each
+  word of `texts` to one id and never to [UNK]. Ids: the five BERT special tokens first ([PAD] =
+  0), then the words in sorted order.
+
+  Args:
+    path: the vocab.txt to write (its directory is created).
+    texts: class names, sentences, ...
+
+  Returns:
+    The vocabulary size.
+  """
+  normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+  splitter = tokenizers.pre_tokenizers.BertPreTokenizer()
+  words = set()
+  for text in texts:
+    words.update(w for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+  tokens = list(SPECIAL_TOKENS) + sorted(words - set(SPECIAL_TOKENS))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(''.join(t + '\n' for t in tokens))
+  os.replace(tmp, path)
+  return len(tokens)
+
+
 def load_bert_tokenizer(path: str,
                         do_lower_case: Optional[bool] = None,
                         model_max_length: int = 512) -> transformers.BertTokenizerFast:
@@ -66,7 +99,7 @@ def load_bert_tokenizer(path: str,
   if do_lower_case is None:
     do_lower_case = bool(config.get('do_lower_case', True))
   vocab = read_vocab(vocab_path)
-  for special in ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'):
+  for special in SPECIAL_TOKENS:
     if special not in vocab:
       raise ValueError(f'{vocab_path}: special token {special} is missing')
   return transformers.BertTokenizerFast(
