@@ -35,6 +35,7 @@ from hiseg_jax.hipie.thing_decoder import ThingDecoder
 from hiseg_jax.text.bert import Bert
 from hiseg_jax.text.bert import BertConfig
 from hiseg_jax.text.prompts import pool_sentence_features
+from hiseg_jax.text.prompts import sentence_as_first_token
 
 TASKS = ('detection', 'grounding')
 
@@ -101,7 +102,8 @@ class HIPIEModel(nn.Module):
                dn_targets: Optional[Dict[str, jnp.ndarray]] = None,
                image_sizes: Optional[jnp.ndarray] = None, train: bool = False,
                task: str = 'detection',
-               text_index: Optional[jnp.ndarray] = None) -> Dict[str, Any]:
+               text_index: Optional[jnp.ndarray] = None,
+               grounding: Optional[jnp.ndarray] = None) -> Dict[str, Any]:
     """Runs HIPIE on a batch.
 
     Args:
@@ -119,14 +121,20 @@ class HIPIEModel(nn.Module):
       task: 'detection' (token logits against the class prompt) or 'grounding' (one logit per
         query against the pooled sentence).
       text_index: optional int [B, T] for chunked prompts (see `encode_text`).
+      grounding: optional bool [B] for a batch that mixes tasks (with `task='detection'`): the
+        samples marked True run in referring mode on the full token axis, their pooled sentence
+        at token 0 (`hiseg_jax.text.prompts.sentence_as_first_token`), for both decoders.
 
     Returns:
       {'things': the `ThingDecoder` outputs (incl. 'text' [B, T, text_dim] fused text and
-      'text_mask'), 'stuff': the `StuffDecoder` outputs}; token axes are T (detection) or 1
-      (grounding).
+      'text_mask'), 'stuff': the `StuffDecoder` outputs}; token axes are T (detection, and with
+      `grounding`) or 1 (task 'grounding').
     """
     if task not in TASKS:
       raise ValueError(f'HIPIEModel: task {task!r} is not one of {TASKS}')
+    if grounding is not None and (task != 'detection' or grounding.shape != image.shape[:1]):
+      raise ValueError(f'HIPIEModel: per-sample grounding {grounding.shape} needs '
+                       f"task='detection' (got {task!r}) and one flag per image")
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f'HIPIEModel: image shape {image.shape} is not [B, H, W, 3]')
     b, h, w, _ = image.shape
@@ -144,11 +152,13 @@ class HIPIEModel(nn.Module):
     encoded, shapes = self.thing_encoder(features, text, mask, image_sizes,
                                          deterministic)  # memory [B, S, D], text [B, T, L]
     things = self.thing_decoder(encoded, shapes, text, mask, dn, image_sizes, train,
-                                grounding=task == 'grounding')
+                                grounding=task == 'grounding' if grounding is None else grounding)
     fused = encoded['text']  # [B, T, L]
     if task == 'grounding':
       stuff_text = pool_sentence_features(fused, mask)[:, None, :]  # [B, 1, L]
       stuff_mask = jnp.ones((b, 1), bool)  # [B, 1]
+    elif grounding is not None:
+      stuff_text, stuff_mask = sentence_as_first_token(fused, mask, grounding)  # [B, T, L]
     else:
       stuff_text, stuff_mask = fused, mask  # [B, T, L], [B, T]
     stuff = self.stuff_decoder(features, stuff_text, dn, train, text_mask=stuff_mask)

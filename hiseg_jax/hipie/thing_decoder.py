@@ -39,7 +39,7 @@ Pipeline:
    layer's input reference point (normalised by the valid image size, scaled by `image_sizes`).
 
 Output contract of `ThingDecoder.__call__` (Q = num_queries, matching queries only;
-T' = T, or 1 when `grounding`):
+T' = T, or 1 when `grounding` is True):
 
 * 'logits' [B, Q, T'] token logits of the last layer (padded tokens -5e4).
 * 'boxes' [B, Q, 4] normalised cxcywh (relative to the valid image).
@@ -69,7 +69,7 @@ the transformer's query-level `FeatureResizer` is omitted (HIPIE multiplies it b
 """
 
 import functools
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -89,6 +89,7 @@ from hiseg_jax.layers.init import kaiming_uniform_a1
 from hiseg_jax.layers.init import prior_bias
 from hiseg_jax.layers.init import torch_default_bias
 from hiseg_jax.layers.init import torch_default_kernel
+from hiseg_jax.text.prompts import sentence_as_first_token
 
 
 def cdn_num_groups(dn_number: int, num_slots: int) -> int:
@@ -315,7 +316,7 @@ class ThingDecoder(nn.Module):
                spatial_shapes: Sequence[Tuple[int, int]], text_features: jnp.ndarray,
                text_mask: jnp.ndarray, dn_targets: Optional[Dict[str, jnp.ndarray]] = None,
                image_sizes: Optional[jnp.ndarray] = None, train: bool = False,
-               grounding: bool = False) -> Dict:
+               grounding: Union[bool, jnp.ndarray] = False) -> Dict:
     """Runs the thing decoder.
 
     Args:
@@ -333,7 +334,10 @@ class ThingDecoder(nn.Module):
       image_sizes: optional int [B, 2] (height, width) of the valid image on the canvas;
         None means the whole canvas.
       train: enables dropout (needs the 'dropout' rng) and the 'aux' masks.
-      grounding: referring mode: logits against the mean-pooled fused text, T' = 1.
+      grounding: True: referring mode, logits against the mean-pooled fused text, T' = 1;
+        a bool array [B]: per-sample referring mode for a batch mixing tasks, T' = T, with a
+        referring sample's pooled-sentence logit at token 0 and the output 'text_mask' one-hot
+        there (`hiseg_jax.text.prompts.sentence_as_first_token`).
 
     Returns:
       The dict described in the module docstring.
@@ -420,10 +424,14 @@ class ThingDecoder(nn.Module):
                                  channels=self.dynamic_channels, num_layers=self.dynamic_layers)
 
     # Decoder with iterative box refinement and per-layer heads.
-    if grounding:
+    if isinstance(grounding, bool) and grounding:
       cls_text = _masked_mean(fused_text, text_mask[:, None, :])  # [B, 1, Lt]
       cls_mask = None
       out_text_mask = jnp.ones((b, 1), bool)  # [B, 1]
+    elif not isinstance(grounding, bool):
+      cls_text, cls_mask = sentence_as_first_token(fused_text, text_mask,
+                                                   grounding)  # [B, T, Lt], [B, T]
+      out_text_mask = cls_mask
     else:
       cls_text, cls_mask, out_text_mask = fused_text, text_mask, text_mask
     ratios4 = jnp.concatenate([valid_ratios, valid_ratios], axis=-1)  # [B, L, 4]

@@ -22,11 +22,11 @@ Thing criterion (`thing_criterion`). `outputs`:
 * final layer `logits` [B, Q, T], `boxes` [B, Q, 4], `masks` [B, Q, h, w],
   optional `ious` [B, Q] (IoU-head logits); `aux`: the earlier decoder layers,
   same keys and shapes (all with `ious` or none).
-* optional `enc`: the two-stage encoder proposals, `logits` [B, Qe, Te],
+* optional `enc` (absent or None: no encoder terms): the two-stage encoder proposals, `logits` [B, Qe, Te],
   `boxes` [B, Qe, 4]. Te == 1 is the still (class-agnostic) classifier: every
   object's positive map is [1] and no text mask applies; otherwise the objects'
   positive maps and the text mask are used.
-* optional `dn`: the denoising queries, `logits` [B, Qd, T], `boxes`, `masks`
+* optional `dn` (absent or None: no denoising terms): the denoising queries, `logits` [B, Qd, T], `boxes`, `masks`
   [B, Qd, h, w] and `aux` (earlier layers). Layout (DINO's dn_meta with
   `single_padding` = 2N, N the gt slot count): Qd = G * 2N, group g holds the
   positive query of gt slot m at `g * 2N + m` and its negative at
@@ -537,7 +537,7 @@ def thing_criterion(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array]
       raise ValueError(f"{name}: outputs['enc']['logits'] must have 1 or T={num_tokens} "
                        f"channels, got {enc['logits'].shape}")
   dn_layers = ()
-  if "dn" in outputs:
+  if outputs.get("dn") is not None:
     dn_layers = _layers(name, "['dn']", outputs["dn"], ("logits", "boxes", "masks"), batch_size,
                         num_tokens)
     num_dn = outputs["dn"]["logits"].shape[1]
@@ -681,7 +681,7 @@ def stuff_criterion(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array]
   num_slots = _check_targets(name, targets, batch_size, num_tokens, allow_labels=True)
   keys = ("logits", "boxes", "masks")
   layers = list(_layers(name, "", outputs, keys, batch_size, num_tokens))
-  if "enc" in outputs:
+  if outputs.get("enc") is not None:
     _check_layer(name, "['enc']", outputs["enc"], keys, batch_size, num_tokens)
     if any(outputs["enc"][k].shape != outputs[k].shape for k in keys):
       raise ValueError(f"{name}: outputs['enc'] must have the shapes of the decoder layers "
@@ -689,7 +689,7 @@ def stuff_criterion(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array]
                        f"{[outputs['enc'][k].shape for k in keys]}")
     layers.append(outputs["enc"])
   dn_layers = ()
-  if "dn" in outputs:
+  if outputs.get("dn") is not None:
     dn_layers = _layers(name, "['dn']", outputs["dn"], keys, batch_size, num_tokens)
     num_dn = outputs["dn"]["logits"].shape[1]
     if num_dn % num_slots or num_dn == 0 or num_slots >= _SLOT_SPAN:
@@ -706,10 +706,10 @@ def stuff_criterion(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array]
   values = jax.lax.map(
       lambda xs: layer_fn(tuple(jax.random.split(xs[0])), xs[1]),
       (jax.random.split(main_key, len(layers)), _stack(layers, keys)))  # [L(+1), 5]
-  if "enc" in outputs:
+  if outputs.get("enc") is not None:
     for i, n in enumerate(STUFF_TERMS):
       terms[f"enc/loss_{n}"] = values[-1, i]
-  _report(terms, "", values[:-1] if "enc" in outputs else values, STUFF_TERMS, cfg)
+  _report(terms, "", values[:-1] if outputs.get("enc") is not None else values, STUFF_TERMS, cfg)
   total = _weighted(values, STUFF_TERMS, cfg).sum()
 
   if dn_layers:

@@ -334,6 +334,34 @@ def pool_sentence_features(features: jnp.ndarray, attention_mask: jnp.ndarray,
   raise ValueError(f'pool_sentence_features: mode {mode!r} is not "average" or "max"')
 
 
+def sentence_as_first_token(features: jnp.ndarray, attention_mask: jnp.ndarray,
+                            grounding: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-sample referring mode on a static token axis: a sentence becomes its pooled token 0.
+
+  HIPIE scores a referring batch against one feature, the mean of the sentence's valid tokens
+  (`agg_lang_feat`), and a detection batch against every prompt token. For a batch that mixes
+  the two, the rows with `grounding` get [pooled, 0, ..., 0] with the mask [1, 0, ..., 0], so a
+  token head on them computes exactly the single-token logit at token 0 and masks the rest; the
+  other rows are unchanged.
+
+  Args:
+    features: [B, T, H] token features.
+    attention_mask: [B, T], 1 on valid tokens.
+    grounding: bool [B], True for referring samples.
+
+  Returns:
+    (features [B, T, H], mask bool [B, T]).
+  """
+  valid = attention_mask.astype(bool)  # [B, T]
+  pooled = pool_sentence_features(features, jnp.maximum(valid, ~valid.any(-1, keepdims=True)))
+  first = jnp.arange(features.shape[1]) == 0  # [T]
+  sentence = jnp.where(first[None, :, None], pooled[:, None, :], 0.0)  # [B, T, H]
+  g = grounding.astype(bool)  # [B]
+  out = jnp.where(g[:, None, None], sentence.astype(features.dtype), features)  # [B, T, H]
+  mask = jnp.where(g[:, None], first[None, :], valid)  # [B, T]
+  return out, mask
+
+
 def _token_class(positive_map: jnp.ndarray) -> jnp.ndarray:
   """Class id of each token (C where none) for a map with disjoint rows."""
   if isinstance(positive_map, np.ndarray) and (np.asarray(positive_map > 0).sum(0) > 1).any():
