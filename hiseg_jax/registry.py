@@ -61,6 +61,7 @@ _EMBEDDING_NAME = re.compile(r'(embed|embedding|position_bias_table)$')
 # Model name -> module that registers it when imported.
 _BUILTIN_MODULES: Dict[str, str] = {
     'aims': 'hiseg_jax.aims.spec',
+    'hipie': 'hiseg_jax.hipie.spec',
 }
 
 _REGISTRY: Dict[str, 'ModelSpec'] = {}
