@@ -1,4 +1,4 @@
-"""HIPIE configs: `configs/hipie.py:r50` (the reference architecture) and `configs/hipie.py:runlocal`.
+"""HIPIE configs: `configs/hipie.py:r50` (the reference model) and `configs/hipie.py:runlocal`.
 
     python -m hiseg_jax.main --config configs/hipie.py:runlocal --workdir W
 
@@ -75,10 +75,10 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   if runlocal:
     # The synthetic vocabulary has ~60 words; the embedding table needs no 30,522 rows.
     config.model.text_encoder.vocab_size = 256
-    # Two denoising groups over the 24 target slots (max_things + max_stuff) in both decoders
+    # One denoising group over the 24 target slots (max_things + max_stuff) in both decoders
     # (groups = budget // slots, as DINO / MaskDINO with the padded slot count).
-    config.model.things.dn_number = 48
-    config.model.stuff.dn_num = 48
+    config.model.things.dn_number = 24
+    config.model.stuff.dn_num = 24
 
   config.loss = ml_collections.ConfigDict(default_hipie_loss_config())
   if runlocal:
@@ -119,13 +119,13 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   config.optim.clip_norm = 0.1
   config.batch_size = 8 if runlocal else 32
   if runlocal:
-    config.total_steps = 2000
+    config.total_steps = 1500
     config.log_every = 50
     config.eval_every = 0
     config.checkpoint_every = 500
     config.optim.lr = 3e-4
     config.optim.warmup_steps = 100
-    config.optim.decay_steps = (1600, 1850)
+    config.optim.decay_steps = (1200, 1400)
     # Random initialisation offline: the backbone and the text encoder train at the full rate
     # (the reference's x0.1 fine-tunes pretrained ones).
     config.optim.lr_multipliers.backbone = 1.0

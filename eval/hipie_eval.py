@@ -30,8 +30,8 @@ Passes (an `eval_config` key that is '' skips its pass):
     each segment's class, unlabelled pixels ignored).
   * referring: one element per (image, expression); the top-1 query for the sentence
     (`postprocess.referring_inference`; a prediction whose clipped box is empty is an empty mask
-    and an empty box). oIoU, mIoU and Prec@0.5 of the masks and P@0.5 of the boxes
-    (`eval.referring`) against the expression's target segment.
+    and an empty box). oIoU, mIoU and Prec@0.5 of the masks (`refer_mask_P50`) and P@0.5 of
+    the boxes (`refer_box_P50`) (`eval.referring`) against the expression's target segment.
   * part: the part vocabulary ("object part" classes, part-less objects, stuff); the fine part
     label map is the semantic output of the pass (as in the panoptic pass). part mIoU is the mIoU
     (`eval.miou.miou_from_confusion`) over P + 1 labels: label 1 + k for the k-th part class of the
@@ -57,7 +57,7 @@ Files under `out_dir` (written by process 0):
   metrics.json                                          the returned metrics
 Metrics (percent): PQ, SQ, RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st, mask_AP, mask_AP50,
 mask_AP75, box_AP, box_AP50, box_AP75, mIoU (panoptic pass); refer_oIoU, refer_mIoU,
-refer_Prec@0.5, refer_P@0.5 (referring); part_mIoU (part). Keys of a skipped pass are absent.
+refer_mask_P50, refer_box_P50 (referring); part_mIoU (part). Keys of a skipped pass are absent.
 An empty prediction set scores 0.
 """
 
@@ -576,7 +576,7 @@ def _referring_pass(run: _Pass, out_dir: str) -> Dict[str, float]:
   boxes = referring_lib.referring_boxes(np.asarray(gt_boxes).reshape(-1, 4),
                                         np.asarray(pred_boxes).reshape(-1, 4))
   return {'refer_oIoU': masks['oIoU'], 'refer_mIoU': masks['mIoU'],
-          'refer_Prec@0.5': masks['Prec@0.5'], 'refer_P@0.5': boxes['P@0.5']}
+          'refer_mask_P50': masks['Prec@0.5'], 'refer_box_P50': boxes['P@0.5']}
 
 
 def _part_pass(run: _Pass, vocabulary: hipie_samples.Vocabulary, settings: EvalSettings,

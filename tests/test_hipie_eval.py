@@ -196,7 +196,7 @@ def test_random_weights_run_every_pass_and_write_every_file(tokenizer, sources, 
                                       _section(64), _eval_config(), out, MESH)
   expected = {"PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st", "mask_AP",
               "mask_AP50", "mask_AP75", "box_AP", "box_AP50", "box_AP75", "mIoU", "refer_oIoU",
-              "refer_mIoU", "refer_Prec@0.5", "refer_P@0.5", "part_mIoU"}
+              "refer_mIoU", "refer_mask_P50", "refer_box_P50", "part_mIoU"}
   assert set(metrics) == expected
   assert all(0.0 <= v <= 100.0 for v in metrics.values()), metrics
   with open(os.path.join(out, "metrics.json")) as f:
@@ -235,7 +235,7 @@ def test_perfect_predictions_score_100(tokenizer, sources, tmp_path):
   metrics = hipie_eval.evaluate_hipie(_target_outputs, sources, VOCABS, tokenizer,
                                       _section(256), _eval_config(), str(tmp_path), MESH)
   for key in ("PQ", "PQ_th", "PQ_st", "SQ", "RQ", "mask_AP", "mask_AP50", "mask_AP75", "box_AP",
-              "box_AP50", "mIoU", "refer_oIoU", "refer_mIoU", "refer_Prec@0.5", "refer_P@0.5",
+              "box_AP50", "mIoU", "refer_oIoU", "refer_mIoU", "refer_mask_P50", "refer_box_P50",
               "part_mIoU"):
     assert metrics[key] == pytest.approx(100.0, abs=1e-6), (key, metrics)
   # Scored in the dataset's own category ids: the ground truth is the records' segments.
@@ -257,7 +257,7 @@ def test_empty_predictions_score_zero(tokenizer, sources, tmp_path):
   metrics = hipie_eval.evaluate_hipie(forward, sources, VOCABS, tokenizer, _section(64),
                                       _eval_config(part=""), str(tmp_path), MESH)
   assert "part_mIoU" not in metrics
-  for key in ("PQ", "mask_AP", "box_AP", "refer_oIoU", "refer_mIoU", "refer_P@0.5"):
+  for key in ("PQ", "mask_AP", "box_AP", "refer_oIoU", "refer_mIoU", "refer_box_P50"):
     assert metrics[key] == 0.0, (key, metrics)
   with open(os.path.join(str(tmp_path), "panoptic", "pred_panoptic.json")) as f:
     assert all(not a["segments_info"] for a in json.load(f)["annotations"])

@@ -22,11 +22,12 @@ Thing criterion (`thing_criterion`). `outputs`:
 * final layer `logits` [B, Q, T], `boxes` [B, Q, 4], `masks` [B, Q, h, w],
   optional `ious` [B, Q] (IoU-head logits); `aux`: the earlier decoder layers,
   same keys and shapes (all with `ious` or none).
-* optional `enc` (absent or None: no encoder terms): the two-stage encoder proposals, `logits` [B, Qe, Te],
-  `boxes` [B, Qe, 4]. Te == 1 is the still (class-agnostic) classifier: every
-  object's positive map is [1] and no text mask applies; otherwise the objects'
-  positive maps and the text mask are used.
-* optional `dn` (absent or None: no denoising terms): the denoising queries, `logits` [B, Qd, T], `boxes`, `masks`
+* optional `enc` (absent or None: no encoder terms): the two-stage encoder
+  proposals, `logits` [B, Qe, Te], `boxes` [B, Qe, 4]. Te == 1 is the still
+  (class-agnostic) classifier: every object's positive map is [1] and no text
+  mask applies; otherwise the objects' positive maps and the text mask are used.
+* optional `dn` (absent or None: no denoising terms): the denoising queries,
+  `logits` [B, Qd, T], `boxes`, `masks`
   [B, Qd, h, w] and `aux` (earlier layers). Layout (DINO's dn_meta with
   `single_padding` = 2N, N the gt slot count): Qd = G * 2N, group g holds the
   positive query of gt slot m at `g * 2N + m` and its negative at
