@@ -10,7 +10,8 @@ pascal_parts : coco : refcoco = 3 : 1 : 1), and evaluates PQ, mask / box AP and 
 pass), referring oIoU (referring pass) and part mIoU (part pass) on the synthetic validation
 split. `r50` is the reference model (ResNet-50, bert-base-uncased, 900 + 300 queries) with its
 optimiser settings; point `data_root` (or each `datasets.<name>.root`), `text.vocab` (a BERT
-vocab.txt) and `vocabularies.<name>` (a categories JSON) at real data to train on it.
+vocab.txt), `text.weights` (the BERT checkpoint directory) and `vocabularies.<name>` (a categories
+JSON) at real data to train on it.
 """
 
 import ml_collections
@@ -67,8 +68,9 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     config.datasets[name] = dataset_config.synthetic_entry(fmt, "val")
     if task != "referring":
       config.vocabularies[name] = "synthetic"
-  # '' = the synthetic dataset's whole-word vocabulary; else a BERT vocab.txt.
-  config.text = ml_collections.ConfigDict({"vocab": ""})
+  # vocab: '' = the synthetic dataset's whole-word vocabulary, else a BERT vocab.txt; weights: ''
+  # = random initialisation, else a Hugging Face BERT directory (bert-base-uncased for r50).
+  config.text = ml_collections.ConfigDict({"vocab": "", "weights": ""})
 
   config.model = model_config("runlocal" if runlocal else "r50")
   config.model.name = "hipie"

@@ -37,6 +37,10 @@ this contract:
 * `no_weight_decay(path) -> bool`: whether a parameter of two or more
   dimensions is excluded from weight decay (one-dimensional parameters, i.e.
   biases and norm scales, never decay). Default: `default_no_weight_decay`.
+* `pretrained(config) -> dict`: weights that replace the random initialisation,
+  `{top-level parameter name: parameter subtree}` (e.g. `{'text_encoder':
+  bert_params}` from a converted Hugging Face checkpoint); each subtree must
+  hold exactly the names and shapes of the initialised one. Default: none.
 * `config_sections`: the top-level config keys the model owns (the trainer
   owns the others, see `hiseg_jax.config_validation`); any other top-level key
   is rejected at start.
@@ -80,6 +84,19 @@ def default_param_group(path: Path) -> str:
   return path[0]
 
 
+def no_pretrained(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The default `pretrained`: every parameter starts from its initialiser.
+
+  Args:
+    config: the run config (unused).
+
+  Returns:
+    {}.
+  """
+  del config
+  return {}
+
+
 def default_no_weight_decay(path: Path) -> bool:
   """Whether a parameter is an embedding table exempt from weight decay.
 
@@ -106,6 +123,7 @@ class ModelSpec:
     config_sections: top-level config keys owned by the model.
     param_group: parameter path -> learning-rate group name.
     no_weight_decay: parameter path -> True to exempt it from weight decay.
+    pretrained: config -> {top-level parameter name: weights} replacing the initialisation.
   """
   build: Callable[[ml_collections.ConfigDict], nn.Module]
   init_inputs: Callable[[ml_collections.ConfigDict], Mapping[str, Any]]
@@ -115,6 +133,7 @@ class ModelSpec:
   config_sections: Tuple[str, ...] = ('model',)
   param_group: Callable[[Path], str] = default_param_group
   no_weight_decay: Callable[[Path], bool] = default_no_weight_decay
+  pretrained: Callable[[ml_collections.ConfigDict], Mapping[str, Any]] = no_pretrained
 
 
 def register(name: str, spec: ModelSpec) -> None:

@@ -15,7 +15,9 @@ only.
 
 Text: `config.text.vocab` is a BERT vocab.txt; '' takes the synthetic dataset's whole-word
 vocabulary (`<root>/text/vocab.txt`, written by the generator), for the randomly initialised
-text encoder of `runlocal`.
+text encoder of `runlocal`. `config.text.weights` is a Hugging Face BERT directory (config.json +
+model.safetensors, e.g. bert-base-uncased for `r50`) whose weights initialise the text encoder;
+'' keeps the random initialisation.
 """
 
 import os
@@ -35,6 +37,7 @@ from hiseg_jax.backbones.image_normalization import normalize_image
 from hiseg_jax.hipie.model import HIPIEModel
 from hiseg_jax.hipie.model import build_hipie_model
 from hiseg_jax.losses.hipie_loss import hipie_criterion
+from hiseg_jax.text import load_bert
 from hiseg_jax.text import load_bert_tokenizer
 
 REFERRING = hipie_samples.TASK_IDS['referring']
@@ -239,6 +242,32 @@ def vocabularies(config: ml_collections.ConfigDict, names) -> Dict[str, hipie_sa
   return out
 
 
+def pretrained(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The text encoder's weights from `config.text.weights` ('' = random initialisation).
+
+  Args:
+    config: the run config.
+
+  Returns:
+    {'text_encoder': params} converted from the Hugging Face BERT directory, or {}.
+
+  Raises:
+    ValueError: when the checkpoint's architecture differs from `config.model.text_encoder`
+      (only the dropout rates may differ), naming the fields.
+  """
+  if not config.text.weights:
+    return {}
+  module, params = load_bert(config.text.weights)
+  ours = config.model.text_encoder
+  differ = [f'{k}: checkpoint {getattr(module.config, k)!r} vs config {ours[k]!r}'
+            for k in ours.keys() if not k.endswith('dropout_prob')
+            and getattr(module.config, k) != ours[k]]
+  if differ:
+    raise ValueError(f'config.text.weights {config.text.weights}: the checkpoint does not match '
+                     'config.model.text_encoder (' + '; '.join(differ) + ')')
+  return {'text_encoder': params}
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, workdir: str):
   """The endless HIPIE task-mixture iterator of this process's batches.
 
@@ -299,6 +328,7 @@ registry.register('hipie', registry.ModelSpec(
     loss_fn=loss_fn,
     make_train_iterator=make_train_iterator,
     evaluate=evaluate,
+    pretrained=pretrained,
     config_sections=('model', 'loss', 'input', 'datasets', 'vocabularies', 'text', 'eval',
                      'synthetic', 'data_root', 'image_size'),
 ))

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,13 +99,15 @@ def create_train_state(module: nn.Module, spec: registry.ModelSpec,
     its `jax.ShapeDtypeStruct` tree carrying the shardings.
   """
   arrays, static = _split_inputs(spec.init_inputs(config))
+  pretrained = dict(spec.pretrained(config)) if materialize else {}
 
-  def init(rng: jax.Array, arrays: Dict[str, jax.Array]) -> TrainState:
+  def init(rng: jax.Array, arrays: Dict[str, jax.Array],
+           pretrained: Dict[str, Any]) -> TrainState:
     key = jax.random.wrap_key_data(rng)
     params_key, dropout_key, train_key = jax.random.split(key, 3)
     variables = module.init({'params': params_key, 'dropout': dropout_key},
                             **arrays, **static)
-    params = variables['params']
+    params = with_pretrained(variables['params'], pretrained)
     model_state = {k: v for k, v in variables.items() if k != 'params'}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), model_state=model_state,
@@ -112,7 +115,8 @@ def create_train_state(module: nn.Module, spec: registry.ModelSpec,
 
   # Host values, so that every process passes the same replicated inputs.
   rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))  # [2]
-  abstract = jax.eval_shape(init, rng, arrays)
+  abstract = jax.eval_shape(init, rng, arrays, {})
+  with_pretrained(abstract.params, pretrained)  # names and shapes, before any compile
   counts = optim.check_multipliers(abstract.params, config.optim.lr_multipliers,
                                    spec.param_group)
   logging.info('parameters per learning-rate group: %s (multipliers %s)',
@@ -124,9 +128,45 @@ def create_train_state(module: nn.Module, spec: registry.ModelSpec,
   if not materialize:
     return None, abstract
   replicated = sharding.replicated(mesh)
-  state = jax.jit(init, in_shardings=(replicated, replicated),
-                  out_shardings=shardings)(rng, arrays)
+  state = jax.jit(init, in_shardings=(replicated, replicated, replicated),
+                  out_shardings=shardings)(rng, arrays, pretrained)
+  if pretrained:
+    logging.info('initialised %s from pretrained weights', sorted(pretrained))
   return state, abstract
+
+
+def with_pretrained(params: Any, pretrained: Mapping[str, Any]) -> Any:
+  """Replaces top-level parameter subtrees by pretrained weights, strictly.
+
+  Args:
+    params: the initialised parameters (arrays or `jax.ShapeDtypeStruct`s).
+    pretrained: {top-level name: subtree} (`ModelSpec.pretrained`).
+
+  Returns:
+    `params` with those subtrees replaced (cast to the initialised dtypes).
+
+  Raises:
+    ValueError: listing unknown top-level names, and the missing, unexpected and
+      mis-shaped parameter names of each subtree.
+  """
+  unknown = sorted(set(pretrained) - set(params))
+  if unknown:
+    raise ValueError(f'pretrained weights for unknown parameter groups {unknown}; the model '
+                     f'has {sorted(params)}')
+  out = dict(params)
+  for name, tree in pretrained.items():
+    want = traverse_util.flatten_dict(params[name], sep='/')
+    got = traverse_util.flatten_dict(tree, sep='/')
+    problems = [f'missing {k}' for k in sorted(set(want) - set(got))]
+    problems += [f'unexpected {k}' for k in sorted(set(got) - set(want))]
+    problems += [f'{k}: shape {tuple(np.shape(got[k]))} != {tuple(want[k].shape)}'
+                 for k in sorted(set(want) & set(got))
+                 if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    if problems:
+      raise ValueError(f'pretrained {name!r} does not fit the model: ' + '; '.join(problems))
+    out[name] = traverse_util.unflatten_dict(
+        {k: jnp.asarray(v, want[k].dtype) for k, v in got.items()}, sep='/')
+  return out
 
 
 def make_loss_and_grads(module: nn.Module, spec: registry.ModelSpec,
