@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fast_compile import fast_compile
 from hiseg_jax.hipie.model import HIPIEModel
 from hiseg_jax.hipie.model import build_hipie_model
 from hiseg_jax.hipie.model import model_config
@@ -182,3 +183,52 @@ def test_r50_config_builds_the_reference_sizes():
   assert (model.stuff_decoder.num_queries, model.stuff_decoder.num_decoder_layers) == (300, 9)
   assert (model.fusion.embed_dim, model.fusion.l_dim, model.fusion.v_dim) == (2048, 768, 256)
   assert model.thing_encoder.fusion_block is model.fusion
+
+
+def test_per_sample_grounding_equals_the_single_task_modes(model_and_variables):
+  model, variables = model_and_variables
+  image, ids, mask, _, sizes = _inputs()
+  run = jax.jit(lambda grounding, task: model.apply(variables, image, ids, mask,
+                                                    image_sizes=sizes, task=task,
+                                                    grounding=grounding),
+                static_argnames='task')
+  # Three programs compiled alike (tests/fast_compile.py).
+  with fast_compile():
+    single = {task: jax.device_get(run(None, task)) for task in ('detection', 'grounding')}
+    mixed_runs = [jax.device_get(run(jnp.asarray(flags), 'detection'))
+                  for flags in ([True, False], [False, True])]
+  # Same weights and inputs, one batch through different token layouts: float32 noise only.
+  tol = dict(rtol=1e-5, atol=1e-5)
+  for flags, mixed in zip(([True, False], [False, True]), mixed_runs):
+    for i, referring in enumerate(flags):
+      want = single['grounding' if referring else 'detection']
+      for branch in ('things', 'stuff'):
+        got_logits = mixed[branch]['logits'][i]  # [Q, T]
+        assert got_logits.shape[-1] == T
+        if referring:
+          np.testing.assert_allclose(got_logits[:, 0], want[branch]['logits'][i][:, 0], **tol,
+                                     err_msg=f'{flags} sample {i} {branch} token 0')
+          assert (got_logits[:, 1:] == -5e4).all(), (flags, i, branch)
+        else:
+          np.testing.assert_allclose(got_logits, want[branch]['logits'][i], **tol,
+                                     err_msg=f'{flags} sample {i} {branch} logits')
+        for key in ('boxes', 'masks'):
+          np.testing.assert_allclose(mixed[branch][key][i], want[branch][key][i], **tol,
+                                     err_msg=f'{flags} sample {i} {branch} {key}')
+      np.testing.assert_allclose(mixed['things']['ious'][i], want['things']['ious'][i], **tol)
+      text_mask = mixed['things']['text_mask'][i]
+      if referring:
+        np.testing.assert_array_equal(text_mask, np.arange(T) == 0)
+      else:
+        np.testing.assert_array_equal(text_mask, np.asarray(mask[i]) > 0)
+
+
+def test_per_sample_grounding_needs_detection_and_one_flag_per_image(model_and_variables):
+  model, variables = model_and_variables
+  image, ids, mask, _, _ = _inputs()
+  with pytest.raises(ValueError, match="per-sample grounding .* needs task='detection'"):
+    jax.eval_shape(lambda v: model.apply(v, image, ids, mask, task='grounding',
+                                         grounding=jnp.asarray([True, False])), variables)
+  with pytest.raises(ValueError, match='one flag per image'):
+    jax.eval_shape(lambda v: model.apply(v, image, ids, mask,
+                                         grounding=jnp.asarray([True, False, True])), variables)

@@ -274,3 +274,28 @@ def test_tokenizer_casing_follows_config(tokenizer, tmp_path):
   assert cased('Cat')['input_ids'] != cased('cat')['input_ids']
   with pytest.raises(FileNotFoundError, match='no vocabulary file'):
     load_bert_tokenizer(str(tmp_path / 'missing.txt'))
+
+
+def test_sentence_as_first_token_pools_grounding_rows_only():
+  rng = np.random.default_rng(3)
+  b, t, h = 4, 7, 5
+  feats = rng.standard_normal((b, t, h)).astype(np.float32)
+  mask = (np.arange(t)[None] < np.array([[7], [3], [5], [1]])).astype(np.int32)  # [B, T]
+  grounding = np.array([True, False, True, False])
+  out, out_mask = prompts.sentence_as_first_token(jnp.asarray(feats), jnp.asarray(mask),
+                                                  jnp.asarray(grounding))
+  out, out_mask = np.asarray(out), np.asarray(out_mask)
+  assert out.shape == (b, t, h) and out.dtype == np.float32
+  assert out_mask.shape == (b, t) and out_mask.dtype == bool
+  one_hot = np.arange(t) == 0  # [T]
+  for i in range(b):
+    if grounding[i]:
+      valid = mask[i] > 0
+      want = np.zeros((t, h), np.float32)
+      want[0] = feats[i][valid].mean(0)
+      # float32 mean over at most 7 tokens: 1e-6 absolute.
+      np.testing.assert_allclose(out[i], want, atol=1e-6, rtol=0, err_msg=f'row {i}')
+      np.testing.assert_array_equal(out_mask[i], one_hot)
+    else:
+      np.testing.assert_array_equal(out[i], feats[i])
+      np.testing.assert_array_equal(out_mask[i], mask[i] > 0)

@@ -9,11 +9,15 @@ import pytest
 import tifffile
 from PIL import Image
 
+from configs import hipie as hipie_configs
+from data_pipelines import hipie_samples
 from data_pipelines import mask_codec
 from data_pipelines import synthetic
 from data_pipelines.synthetic import __main__ as synthetic_main
 from data_pipelines.synthetic import scene as scene_lib
 from data_pipelines.synthetic import taxonomy
+from hiseg_jax.text import prompts
+from hiseg_jax.text.tokenizer import load_bert_tokenizer
 
 
 def _all_files(root):
@@ -147,3 +151,31 @@ def test_bad_arguments_raise(tmp_path):
     synthetic.generate(str(tmp_path), 1, 1, 32, 0)
   with pytest.raises(ValueError, match="unknown synthetic split"):
     synthetic.reader_kwargs(str(tmp_path), "test")
+
+
+def test_vocab_covers_class_names_prompts_and_sentences(tmp_path):
+  out = tmp_path / "syn"
+  synthetic.generate(str(out), 6, 2, 64, seed=0)
+  tok = load_bert_tokenizer(str(out / "text/vocab.txt"))
+  assert tok.pad_token_id == 0 and tok.convert_ids_to_tokens(0) == "[PAD]"
+  assert len(tok) <= hipie_configs.get_config("runlocal").model.text_encoder.vocab_size
+
+  def assert_known(text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids and tok.unk_token_id not in ids, (text, tok.convert_ids_to_tokens(ids))
+
+  pan = json.loads((out / "panoptic/panoptic_train.json").read_text())
+  psg = json.loads((out / "psg/psg.json").read_text())
+  with open(out / "refcoco/refs(unc).p", "rb") as f:
+    refs = pickle.load(f)
+  sentences = [s["sent"] for r in refs for s in r["sentences"]]
+  assert {r["split"] for r in refs} == {"train", "val"} and sentences
+  for text in ([c["name"] for c in pan["categories"]] + psg["predicate_classes"] + sentences
+               + list(taxonomy.COLOUR_NAMES)):
+    assert_known(text)
+  for task, fmt in (("panoptic", "coco_panoptic"), ("part", "pascal_panoptic_parts"),
+                    ("part", "paco")):
+    vocab = hipie_samples.synthetic_vocabulary(task, fmt)
+    prompt = prompts.build_class_prompt(vocab.names, tok)
+    assert tok.unk_token_id not in prompt.input_ids.tolist(), (task, fmt)
+    assert tok.convert_tokens_to_ids(".") in prompt.input_ids.tolist()
