@@ -353,7 +353,9 @@ def sentence_as_first_token(features: jnp.ndarray, attention_mask: jnp.ndarray,
     (features [B, T, H], mask bool [B, T]).
   """
   valid = attention_mask.astype(bool)  # [B, T]
-  pooled = pool_sentence_features(features, jnp.maximum(valid, ~valid.any(-1, keepdims=True)))
+  # A row without valid tokens (evaluation padding) pools over all of them instead of 0 / 0.
+  pooled = pool_sentence_features(
+      features, jnp.maximum(valid, ~valid.any(-1, keepdims=True)))  # [B, H]
   first = jnp.arange(features.shape[1]) == 0  # [T]
   sentence = jnp.where(first[None, :, None], pooled[:, None, :], 0.0)  # [B, T, H]
   g = grounding.astype(bool)  # [B]
