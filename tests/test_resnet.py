@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hiseg_jax.backbones.resnet import GroupNorm
 from hiseg_jax.backbones.resnet import ResNet
 
 TINY = dict(depths=(1, 2, 1, 1), widths=(4, 8, 8, 16), stem_width=8)
@@ -163,3 +164,25 @@ def test_resnet_rejects_bad_images():
     jax.eval_shape(ResNet(**TINY).init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))
   with pytest.raises(ValueError, match='unknown norm'):
     jax.eval_shape(ResNet(norm='gn', **TINY).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
+@pytest.mark.parametrize('channels, groups', [(64, 32), (16, 16)])
+def test_group_norm_matches_torch(channels, groups):
+  rng = np.random.default_rng(channels)
+  x = rng.normal(2.0, 3.0, size=(2, 5, 7, channels)).astype(np.float32)
+  scale = rng.normal(size=channels).astype(np.float32)
+  bias = rng.normal(size=channels).astype(np.float32)
+  out = GroupNorm().apply({'params': {'norm': {'scale': scale, 'bias': bias}}}, x)
+  ref = torch.nn.functional.group_norm(torch.from_numpy(x.transpose(0, 3, 1, 2)), groups,
+                                       torch.from_numpy(scale), torch.from_numpy(bias), 1e-5)
+  np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_gn_resnet_has_trainable_norms_and_no_statistics():
+  model = ResNet(norm='gn', **TINY)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 64, 64, 3)))
+  assert set(variables) == {'params'}
+  assert set(variables['params']['bn1']['norm']) == {'scale', 'bias'}
+  with pytest.raises(ValueError, match='unknown norm'):
+    ResNet(norm='ln', **TINY).init(jax.random.key(0), jnp.ones((1, 64, 64, 3)))

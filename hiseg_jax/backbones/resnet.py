@@ -40,11 +40,41 @@ class FrozenBatchNorm(nn.Module):
     return (x * mul + (bias - mean * mul)).astype(x.dtype)  # [..., C]
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm with 32 groups, or one group per channel below 32 channels (detectron2 'GN').
+
+  For a backbone trained from scratch: batch-independent statistics and trainable affine terms
+  (`scale`, `bias` in 'params'), unlike `FrozenBatchNorm` on random weights, which normalises
+  nothing.
+
+  Attributes:
+    groups: the group count for channel counts divisible by it.
+    eps: variance epsilon.
+  """
+  groups: int = 32
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Normalises [..., C] over the spatial axes and the channels of each group.
+
+    Args:
+      x: [B, H, W, C] input.
+
+    Returns:
+      [B, H, W, C] output.
+    """
+    c = x.shape[-1]
+    groups = self.groups if c % self.groups == 0 else c
+    return nn.GroupNorm(num_groups=groups, epsilon=self.eps, name='norm')(x)  # [B, H, W, C]
+
+
 def _norm(kind: str, train: bool, name: str, scale_init=nn.initializers.ones) -> nn.Module:
-  """A 'frozen_bn' or 'bn' normalisation layer.
+  """A 'frozen_bn', 'bn' or 'gn' normalisation layer.
 
   Args:
-    kind: 'frozen_bn' (fixed statistics) or 'bn' (batch statistics when training).
+    kind: 'frozen_bn' (fixed statistics), 'bn' (batch statistics when training) or 'gn'
+      (`GroupNorm`).
     train: whether the network is training (only used by 'bn').
     name: module name.
     scale_init: initialiser of the BN scale (only used by 'bn').
@@ -57,7 +87,9 @@ def _norm(kind: str, train: bool, name: str, scale_init=nn.initializers.ones) ->
   if kind == 'bn':
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                         scale_init=scale_init, name=name)
-  raise ValueError(f'resnet: unknown norm {kind!r}; expected "frozen_bn" or "bn"')
+  if kind == 'gn':
+    return GroupNorm(name=name)
+  raise ValueError(f'resnet: unknown norm {kind!r}; expected "frozen_bn", "bn" or "gn"')
 
 
 class Bottleneck(nn.Module):
@@ -66,7 +98,7 @@ class Bottleneck(nn.Module):
   Attributes:
     width: bottleneck width; the block outputs 4*width channels.
     stride: stride of the 3x3 convolution (and of the projection shortcut).
-    norm: 'frozen_bn' or 'bn'.
+    norm: 'frozen_bn', 'bn' or 'gn'.
     dtype: computation dtype.
   """
   width: int
@@ -118,7 +150,8 @@ class ResNet(nn.Module):
     depths: bottleneck blocks per stage (res2..res5).
     widths: bottleneck widths per stage; stage outputs are 4*width channels.
     stem_width: channels of the 7x7 stem convolution.
-    norm: 'frozen_bn' (fixed statistics, the detection default) or 'bn'.
+    norm: 'frozen_bn' (fixed statistics, the detection default), 'bn' or 'gn' (GroupNorm, for
+      training from scratch).
     dtype: computation dtype.
   """
   depths: Sequence[int] = (3, 4, 6, 3)
