@@ -387,7 +387,7 @@ def test_box_refinement_step_matches_reference_arithmetic(run):
 
   index = np.asarray(out['enc']['topk_index'])
   init = torch.from_numpy(np.take_along_axis(np.asarray(out['enc']['boxes']), index[..., None], 1))
-  previous = [init, torch.from_numpy(np.asarray(out['aux'][0]['boxes']))]
+  previous = [init, torch.from_numpy(np.array(out['aux'][0]['boxes']))]
   reported = [out['aux'][0]['boxes'], out['boxes']]
   for lid in range(2):
     hs = inter[f'decoder_layer_{lid}']['__call__'][0][:, start:]  # [B, K, D]
