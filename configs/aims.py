@@ -61,7 +61,11 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       "depths": (1, 1, 1, 1) if runlocal else (3, 4, 6, 3),
       "widths": (16, 32, 64, 128) if runlocal else (64, 128, 256, 512),
       "stem_width": 16 if runlocal else 64,
-      "norm": "frozen_bn",
+      # runlocal trains from random weights, where frozen BN normalises nothing: GroupNorm
+      # (measured on the main command: AP_entity 43.0 vs 41.2, AP_relation 28.0 vs 22.7, AR_ep
+      # 8.5 vs 5.5, AR_re 33.4 vs 28.0, AP_part 8.9 vs 10.2; one seed each). r50 keeps the
+      # paper's frozen BN of a pretrained backbone.
+      "norm": "gn" if runlocal else "frozen_bn",
   })
   config.model.pixel_decoder = ml_collections.ConfigDict({
       "conv_dim": 64 if runlocal else 256,
