@@ -376,7 +376,7 @@ def test_box_refinement_step_matches_reference_arithmetic(run):
   start = 2 * cdn_num_groups(TINY['dn_number'], N) * N + TINY['num_bg_queries']
 
   def torch_bbox_embed(name, hs):
-    x = torch.from_numpy(np.asarray(hs))
+    x = torch.from_numpy(np.array(hs))
     layers = params[name]
     for i in range(3):
       layer = layers[f'layers_{i}']

@@ -163,7 +163,7 @@ def test_resnet_rejects_bad_images():
   with pytest.raises(ValueError, match='multiple of 32'):
     jax.eval_shape(ResNet(**TINY).init, jax.random.key(0), jnp.zeros((1, 60, 64, 3)))
   with pytest.raises(ValueError, match='unknown norm'):
-    jax.eval_shape(ResNet(norm='gn', **TINY).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    jax.eval_shape(ResNet(norm='ln', **TINY).init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
 
 
 @pytest.mark.parametrize('channels, groups', [(64, 32), (16, 16)])
