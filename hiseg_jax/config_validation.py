@@ -198,3 +198,19 @@ def validate(config: ml_collections.ConfigDict,
                                     _FLOAT)
   if problems:
     raise ValueError('invalid config:\n  ' + '\n  '.join(problems))
+
+
+def pipeline_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The section a model's grain pipeline reads: a copy of `config.input` plus trainer keys.
+
+  Args:
+    config: the run config (with an `input` section and `image_size`).
+
+  Returns:
+    A ConfigDict with `config.input` plus image_size, batch_size and seed.
+  """
+  section = ml_collections.ConfigDict(config.input.to_dict())
+  section.image_size = config.image_size
+  section.batch_size = config.batch_size
+  section.seed = config.seed
+  return section

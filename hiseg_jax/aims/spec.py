@@ -16,6 +16,7 @@ import numpy as np
 from data_pipelines import aims_mixture
 from data_pipelines import dataset_config
 from data_pipelines import pipeline
+from hiseg_jax import config_validation
 from hiseg_jax import registry
 from hiseg_jax.aims.model import AIMSModel
 from hiseg_jax.aims.model import build_aims_model
@@ -102,10 +103,7 @@ def input_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   Returns:
     A ConfigDict with `config.input` plus image_size, batch_size, seed and class_agnostic.
   """
-  section = ml_collections.ConfigDict(config.input.to_dict())
-  section.image_size = config.image_size
-  section.batch_size = config.batch_size
-  section.seed = config.seed
+  section = config_validation.pipeline_section(config)
   section.class_agnostic = True
   return section
 

@@ -32,6 +32,7 @@ from data_pipelines import dataset_config
 from data_pipelines import hipie_pipeline
 from data_pipelines import hipie_samples
 from data_pipelines.synthetic import writers as synthetic_writers
+from hiseg_jax import config_validation
 from hiseg_jax import registry
 from hiseg_jax.backbones.image_normalization import normalize_image
 from hiseg_jax.hipie.model import HIPIEModel
@@ -174,22 +175,6 @@ def loss_fn(module: HIPIEModel, variables: Any, batch: Mapping[str, jax.Array], 
   return loss, terms
 
 
-def input_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The section `data_pipelines.hipie_pipeline` reads: `config.input` plus trainer keys.
-
-  Args:
-    config: the run config.
-
-  Returns:
-    A ConfigDict with `config.input` plus image_size, batch_size and seed.
-  """
-  section = ml_collections.ConfigDict(config.input.to_dict())
-  section.image_size = config.image_size
-  section.batch_size = config.batch_size
-  section.seed = config.seed
-  return section
-
-
 def tokenizer(config: ml_collections.ConfigDict, root: str):
   """The BERT tokenizer of `config.text.vocab` ('' = the synthetic dataset's vocabulary).
 
@@ -282,7 +267,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, workdir: str):
   mixture = hipie_pipeline.read_mixture(config.input)
   sources = dataset_config.build_sources(config.datasets, sorted(mixture), root)
   vocabs = vocabularies(config, {name: task for name, (task, _) in mixture.items()})
-  built = hipie_pipeline.build_train_pipeline(input_section(config), sources, vocabs,
+  built = hipie_pipeline.build_train_pipeline(config_validation.pipeline_section(config), sources, vocabs,
                                               tokenizer(config, root))
   return iter(built.dataset)
 
@@ -319,7 +304,7 @@ def evaluate(module, variables, config, workdir, out_dir, mesh) -> Dict[str, flo
     return (grounding if task == 'referring' else detection)(variables, batch)
 
   return hipie_eval.evaluate_hipie(forward, sources, vocabs, tokenizer(config, root),
-                                   input_section(config), config.eval, out_dir, mesh)
+                                   config_validation.pipeline_section(config), config.eval, out_dir, mesh)
 
 
 registry.register('hipie', registry.ModelSpec(
