@@ -38,7 +38,7 @@ def runlocal_input_config(num_workers: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       image_size=128, batch_size=8, eval_batch_size=8, scale_range=(0.5, 1.5), flip_prob=0.5,
       max_parts=32, max_entities=32, max_relations=16, class_agnostic=True, strict_maxima=False,
-      sample_types=tuple(range(1, 9)), seed=0, num_workers=num_workers))
+      mask_stride=1, sample_types=tuple(range(1, 9)), seed=0, num_workers=num_workers))
 
 
 def time_pipeline(sources: dict, num_workers: int, batches: int, warmup: int) -> tuple[float, int]:

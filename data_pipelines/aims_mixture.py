@@ -208,6 +208,9 @@ class SampleSettings:
     class_agnostic: labels are -1 and same-pair relations merge; otherwise dataset category ids
       (entities, parts) and predicate indices (relations).
     strict: raise instead of truncating when a level has more instances than slots.
+    mask_stride: the target masks are S / mask_stride on a side (1, 2 or 4): area votes of the
+      canvas masks, point-sampled by the losses at normalised coordinates, so any stride fits
+      the stride-4 predictions; 1 keeps every canvas pixel.
   """
 
   canvas: int
@@ -216,10 +219,13 @@ class SampleSettings:
   flip_prob: float
   class_agnostic: bool
   strict: bool
+  mask_stride: int
 
   def __post_init__(self):
     if self.canvas <= 0 or self.canvas % 4:
       raise ValueError(f"canvas must be a positive multiple of 4, got {self.canvas}")
+    if self.mask_stride not in (1, 2, 4):
+      raise ValueError(f"mask_stride must be 1, 2 or 4, got {self.mask_stride}")
     if sorted(self.max_instances) != sorted(records_lib.LEVELS):
       raise ValueError(f"max_instances needs keys {records_lib.LEVELS}, got {self.max_instances}")
 
@@ -310,7 +316,8 @@ def _union_box(boxes: Sequence[Sequence[float]]) -> tuple[float, float, float, f
 
 
 def _level_arrays(canvas_masks: np.ndarray, labels: np.ndarray, max_count: int, level: str,
-                  strict: bool, where: str) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+                  strict: bool, mask_stride: int,
+                  where: str) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
   """Drops cropped-away instances, keeps the largest `max_count`, pads.
 
   Returns:
@@ -326,7 +333,8 @@ def _level_arrays(canvas_masks: np.ndarray, labels: np.ndarray, max_count: int, 
                      "(strict maxima)")
   kept_masks = canvas_masks[kept]  # [K, S, S]
   arrays = {
-      "masks": transforms.pad_to(transforms.quarter_masks(kept_masks), max_count),  # [N, S/4, S/4]
+      "masks": transforms.pad_to(transforms.downsample_masks(kept_masks, mask_stride),
+                                 max_count),  # [N, S/stride, S/stride]
       "valid": transforms.pad_to(np.ones(len(kept), bool), max_count),  # [N]
       "labels": transforms.pad_to(labels[kept].astype(np.int32) + 1, max_count) - 1,  # [N]
       "boxes": transforms.pad_to(transforms.masks_to_boxes(kept_masks), max_count),  # [N, 4]
@@ -347,7 +355,8 @@ def build_sample(record: records_lib.ImageRecord, st: SampleType, settings: Samp
   Returns:
     Arrays without the batch axis: image uint8 [S,S,3], valid bool [S,S], prompt/mask and
     prompt/region bool [S,S], task int32 [], orig_size int32 [2] (H, W); per level L:
-    L/masks bool [N_L,S/4,S/4], L/valid bool [N_L], L/labels int32 [N_L], L/boxes float32 [N_L,4];
+    L/masks bool [N_L,S/k,S/k] (k = `settings.mask_stride`), L/valid bool [N_L], L/labels int32
+    [N_L], L/boxes float32 [N_L,4];
     assoc/ep bool [N_e,N_p], assoc/re bool [N_r,N_e], assoc/ep_valid and assoc/re_valid bool [];
     stats/truncated int32 [3] (instances beyond the maxima, in `records.LEVELS` order).
   """
@@ -402,7 +411,7 @@ def build_sample(record: records_lib.ImageRecord, st: SampleType, settings: Samp
   for level in records_lib.LEVELS:
     arrays, kept[level], n = _level_arrays(canvas_masks[level], labels[level],
                                            settings.max_instances[level], level, settings.strict,
-                                           where)
+                                           settings.mask_stride, where)
     truncated.append(n)
     out.update({f"{level}/{k}": v for k, v in arrays.items()})
 
@@ -442,7 +451,8 @@ def padding_sample(settings: SampleSettings) -> dict[str, np.ndarray]:
   }
   for level in records_lib.LEVELS:
     n = settings.max_instances[level]
-    out[f"{level}/masks"] = np.zeros((n, s // 4, s // 4), bool)
+    m = s // settings.mask_stride
+    out[f"{level}/masks"] = np.zeros((n, m, m), bool)
     out[f"{level}/valid"] = np.zeros(n, bool)
     out[f"{level}/labels"] = np.full(n, -1, np.int32)
     out[f"{level}/boxes"] = np.zeros((n, 4), np.float32)

@@ -35,6 +35,8 @@ Config keys read from the section passed in (e.g. `config.input`):
   max_parts, max_entities, max_relations (int)   instance slots per level
   class_agnostic (bool)     labels -1 and same-pair relations merged (AIMS: True)
   strict_maxima (bool)      raise instead of truncating beyond the slots
+  mask_stride (int)         target masks are S / mask_stride on a side: 1, 2 or 4 (DESIGN's 4
+                            saves memory at 1024 px; small canvases keep thin parts with 1)
   sample_types (ints)       the AIMS sample types in use, in cycle order (all 8: 1..8) (training)
   seed (int)                the pipeline seed (training)
   num_workers (int)         grain worker processes; 0 runs in the calling process
@@ -84,7 +86,8 @@ def _settings(section: ml_collections.ConfigDict, train: bool) -> aims_mixture.S
       scale_range=scale_range,
       flip_prob=flip_prob,
       class_agnostic=_get(section, "class_agnostic", bool),
-      strict=_get(section, "strict_maxima", bool))
+      strict=_get(section, "strict_maxima", bool),
+      mask_stride=_get(section, "mask_stride", int))
 
 
 class _Tag(grain.transforms.Map):

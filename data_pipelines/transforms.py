@@ -235,8 +235,8 @@ def warp_masks(masks: Sequence[np.ndarray], geom: Geometry) -> np.ndarray:
   """Puts full-size boolean masks on the canvas.
 
   Each canvas pixel takes the mask value under its centre in the original image (exact for flips
-  and crops, and one gather per mask over the canvas window only; the 1/4 masks the losses use
-  are then area votes of these, see `quarter_masks`).
+  and crops, and one gather per mask over the canvas window only; the coarser masks the losses use
+  are then area votes of these, see `downsample_masks`).
 
   Args:
     masks: N bool arrays [H, W].
@@ -255,25 +255,34 @@ def warp_masks(masks: Sequence[np.ndarray], geom: Geometry) -> np.ndarray:
   return out
 
 
-def quarter_masks(masks: np.ndarray) -> np.ndarray:
-  """Downsamples canvas masks to 1/4 resolution by 4x4 area vote.
+def downsample_masks(masks: np.ndarray, stride: int) -> np.ndarray:
+  """Downsamples canvas masks by an area vote over stride x stride cells.
 
   Args:
-    masks: bool [N, S, S] with S divisible by 4.
+    masks: bool [N, S, S] with S divisible by `stride`.
+    stride: cell side, >= 1 (1 returns a copy).
 
   Returns:
-    bool [N, S/4, S/4]: cells with at least 8 of 16 foreground pixels; a mask with foreground but
-    no such cell keeps its best-covered cell.
+    bool [N, S/stride, S/stride]: cells with at least half of their pixels foreground; a mask
+    with foreground but no such cell keeps its best-covered cell.
   """
   n, s, _ = masks.shape
-  if s % 4:
-    raise ValueError(f"canvas side must be divisible by 4, got masks of shape {masks.shape}")
+  if stride < 1 or s % stride:
+    raise ValueError(f"canvas side must be divisible by the mask stride {stride}, got masks of "
+                     f"shape {masks.shape}")
+  if stride == 1:
+    return np.array(masks, bool)
+  m = s // stride
   # Explicit adds of strided views: several times faster than a sum over axes (2, 4).
-  cells = np.ascontiguousarray(masks, bool).view(np.uint8).reshape(n, s, s // 4, 4)  # [N,S,S/4,4]
-  cols = cells[..., 0] + cells[..., 1] + cells[..., 2] + cells[..., 3]  # [N, S, S/4]
-  rows = cols.reshape(n, s // 4, 4, s // 4)  # [N, S/4, 4, S/4]
-  counts = rows[:, :, 0] + rows[:, :, 1] + rows[:, :, 2] + rows[:, :, 3]  # [N, S/4, S/4]
-  out = counts >= 8  # [N, S/4, S/4]
+  cells = np.ascontiguousarray(masks, bool).view(np.uint8).reshape(n, s, m, stride)  # [N,S,m,k]
+  cols = cells[..., 0].copy()  # [N, S, m]
+  for i in range(1, stride):
+    cols += cells[..., i]
+  rows = cols.reshape(n, m, stride, m)  # [N, m, k, m]
+  counts = rows[:, :, 0].copy()  # [N, m, m]
+  for i in range(1, stride):
+    counts += rows[:, :, i]
+  out = 2 * counts.astype(np.int32) >= stride * stride  # [N, m, m]
   lost = np.flatnonzero(~out.any(axis=(1, 2)) & (counts.max(axis=(1, 2), initial=0) > 0))
   for i in lost:
     y, x = np.unravel_index(np.argmax(counts[i]), counts[i].shape)

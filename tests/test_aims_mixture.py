@@ -16,7 +16,8 @@ ALL_LEVELS = frozenset({"entity", "part", "relation"})
 
 def _settings(**kw):
   base = dict(canvas=CANVAS, max_instances={"part": 5, "entity": 4, "relation": 4},
-              scale_range=(0.75, 1.25), flip_prob=0.5, class_agnostic=True, strict=False)
+              scale_range=(0.75, 1.25), flip_prob=0.5, class_agnostic=True, strict=False,
+              mask_stride=4)
   base.update(kw)
   return aims_mixture.SampleSettings(**base)
 
@@ -79,10 +80,10 @@ def test_full_image_targets_and_associations(record):
   assert out["relation/valid"].tolist() == [True, True, False, False]
   assert (out["entity/labels"] == -1).all() and (out["relation/labels"] == -1).all()
   ent = _canvas(record, [toy_records.BOX, toy_records.DISC, toy_records.GROUND])
-  np.testing.assert_array_equal(out["entity/masks"][:3], transforms.quarter_masks(ent))
+  np.testing.assert_array_equal(out["entity/masks"][:3], transforms.downsample_masks(ent, 4))
   np.testing.assert_array_equal(out["relation/masks"][:2],
-                                transforms.quarter_masks(np.stack([ent[0] | ent[2],
-                                                                   ent[1] | ent[0]])))
+                                transforms.downsample_masks(np.stack([ent[0] | ent[2],
+                                                                      ent[1] | ent[0]]), 4))
   np.testing.assert_allclose(out["relation/boxes"][0],
                              transforms.masks_to_boxes((ent[0] | ent[2])[None])[0])
   # Parts: box top, box bottom -> box (row 0); disc core -> disc (row 1).
@@ -107,7 +108,7 @@ def test_one_entity_prompt_selects_that_entity_and_its_parts(record):
                                     np.random.default_rng(seed))
     assert out["entity/valid"].sum() == 1 and out["relation/valid"].sum() == 0
     np.testing.assert_array_equal(out["prompt/region"], out["prompt/mask"])
-    prompt_q = transforms.quarter_masks(out["prompt/mask"][None])[0]
+    prompt_q = transforms.downsample_masks(out["prompt/mask"][None], 4)[0]
     np.testing.assert_array_equal(out["entity/masks"][0], prompt_q)
     n_parts = int(out["part/valid"].sum())
     seen.add(n_parts)
@@ -125,7 +126,7 @@ def test_two_entity_prompt_targets_the_related_pair(record):
     assert (st.decoder, st.target_level) == ("relation", "entity")
     assert out["entity/valid"].sum() == 2 and out["relation/valid"].sum() == 1
     # The relation mask is the canvas union (= the prompt) at 1/4; it covers both entities.
-    prompt_q = transforms.quarter_masks(out["prompt/mask"][None])[0]
+    prompt_q = transforms.downsample_masks(out["prompt/mask"][None], 4)[0]
     np.testing.assert_array_equal(out["relation/masks"][0], prompt_q)
     assert not ((out["entity/masks"][0] | out["entity/masks"][1]) & ~prompt_q).any()
     np.testing.assert_array_equal(out["prompt/region"], out["prompt/mask"])
@@ -183,7 +184,7 @@ def test_truncation_keeps_the_largest_counts_or_raises(record):
   ent = _canvas(record, [toy_records.BOX, toy_records.DISC, toy_records.GROUND])
   areas = ent.sum(axis=(1, 2))
   keep = sorted(np.argsort(-areas)[:2])
-  np.testing.assert_array_equal(out["entity/masks"], transforms.quarter_masks(ent[keep]))
+  np.testing.assert_array_equal(out["entity/masks"], transforms.downsample_masks(ent[keep], 4))
   assert out["stats/truncated"].tolist() == [2, 1, 1]
   assert out["assoc/ep"].shape == (2, 1) and out["assoc/re"].shape == (1, 2)
   with pytest.raises(ValueError, match=r"ppp: image 5 .* 3 part instances exceed max 1"):
@@ -191,8 +192,21 @@ def test_truncation_keeps_the_largest_counts_or_raises(record):
                               _settings(max_instances=small, strict=True), None)
 
 
-def test_padding_sample_matches_build_sample_layout(record):
-  settings = _settings()
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mask_stride_sets_the_target_resolution(record, stride):
+  out = aims_mixture.build_sample(record, aims_mixture.sample_type(3), _settings(
+      mask_stride=stride), None)
+  ent = _canvas(record, [toy_records.BOX, toy_records.DISC, toy_records.GROUND])
+  np.testing.assert_array_equal(out["entity/masks"][:3], transforms.downsample_masks(ent, stride))
+  for level in ("part", "entity", "relation"):
+    assert out[f"{level}/masks"].shape[1:] == (CANVAS // stride, CANVAS // stride), level
+  with pytest.raises(ValueError, match="mask_stride must be 1, 2 or 4, got 3"):
+    _settings(mask_stride=3)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_padding_sample_matches_build_sample_layout(record, stride):
+  settings = _settings(mask_stride=stride)
   real = aims_mixture.build_sample(record, aims_mixture.EVAL_TYPE, settings, None)
   pad = aims_mixture.padding_sample(settings)
   assert sorted(real) == sorted(pad)

@@ -269,7 +269,7 @@ def test_referring_sample_targets_the_expression_and_flips_left_right(tokenizer,
   # The target mask is the referred segment, mirrored with the image.
   target = record.segment(expr.target_id)
   geom = transforms.eval_geometry(record.height, record.width, S)
-  want = transforms.quarter_masks(transforms.warp_masks([target.mask], geom))[0]
+  want = transforms.downsample_masks(transforms.warp_masks([target.mask], geom), 4)[0]
   np.testing.assert_array_equal(a["things/masks"][0], want)
   np.testing.assert_array_equal(b["things/masks"][0], want[:, ::-1])
   np.testing.assert_array_equal(b["image"], a["image"][:, ::-1])

@@ -20,8 +20,8 @@ def _config(**overrides):
   values = dict(
       image_size=S, batch_size=B, eval_batch_size=4, scale_range=(0.5, 1.5), flip_prob=0.5,
       max_parts=MAX["part"], max_entities=MAX["entity"], max_relations=MAX["relation"],
-      class_agnostic=True, strict_maxima=False, sample_types=tuple(range(1, 9)), seed=0,
-      num_workers=0)
+      class_agnostic=True, strict_maxima=False, mask_stride=4, sample_types=tuple(range(1, 9)),
+      seed=0, num_workers=0)
   values.update(overrides)
   return ml_collections.ConfigDict(values)
 

@@ -47,6 +47,17 @@ def test_point_sample_matches_grid_sample(align_corners):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_point_sample_reads_bool_masks_as_floats():
+  rng = np.random.default_rng(3)
+  masks = rng.random((2, 3, 16, 16)) < 0.4  # [B, M, H, W] bool targets
+  coords = rng.uniform(-0.05, 1.05, size=(2, 3, 30, 2)).astype(np.float32)  # [B, M, P, 2]
+  got = point_sample(jnp.asarray(masks)[:, :, None], coords)[:, :, 0]  # [B, M, P]
+  want = point_sample(jnp.asarray(masks, jnp.float32)[:, :, None], coords)[:, :, 0]
+  assert got.dtype == jnp.float32
+  # The same arithmetic after the lookup: exact.
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_point_sample_gradient_matches_torch():
   rng = np.random.default_rng(1)
   inputs = rng.normal(size=(2, 3, 6, 5)).astype(np.float32)

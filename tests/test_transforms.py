@@ -76,21 +76,38 @@ def test_crop_drops_what_falls_outside_and_pads_the_rest():
   assert valid.all() and (image == 7).all()
 
 
-def test_quarter_masks_area_vote_and_tiny_instances():
+def test_downsample_masks_area_vote_and_tiny_instances():
   masks = np.zeros((3, 8, 8), bool)
   masks[0, 0:2, 0:4] = True  # 8 of the 16 pixels of cell (0, 0): kept
   masks[1, 0:2, 0:3] = True  # 6 of 16: lost by the vote, but it is the best cell: kept
   masks[1, 4:5, 4:8] = True  # 4 of 16 in cell (1, 1)
   masks[2, 0:1, 4:8] = True  # a weak cell (4 of 16) beside a full one: only the full one
   masks[2, 4:8, 0:4] = True
-  q = transforms.quarter_masks(masks)
+  q = transforms.downsample_masks(masks, 4)
   assert q.shape == (3, 2, 2)
   np.testing.assert_array_equal(q[0], [[True, False], [False, False]])
   np.testing.assert_array_equal(q[1], [[True, False], [False, False]])
   np.testing.assert_array_equal(q[2], [[False, False], [True, False]])
-  assert transforms.quarter_masks(np.zeros((0, 8, 8), bool)).shape == (0, 2, 2)
-  with pytest.raises(ValueError, match="divisible by 4"):
-    transforms.quarter_masks(np.zeros((1, 6, 6), bool))
+  assert transforms.downsample_masks(np.zeros((0, 8, 8), bool), 4).shape == (0, 2, 2)
+  with pytest.raises(ValueError, match="divisible by the mask stride 4"):
+    transforms.downsample_masks(np.zeros((1, 6, 6), bool), 4)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_downsample_masks_equals_a_mean_over_cells(stride):
+  # Reference: the cell mean >= 1/2, plus the best cell of masks the vote would erase.
+  rng = np.random.default_rng(stride)
+  masks = rng.random((5, 16, 16)) < np.array([0.02, 0.1, 0.4, 0.6, 0.9])[:, None, None]
+  m = 16 // stride
+  mean = masks.reshape(5, m, stride, m, stride).mean(axis=(2, 4))  # [5, m, m]
+  want = mean >= 0.5
+  for i in np.flatnonzero(~want.any(axis=(1, 2)) & masks.any(axis=(1, 2))):
+    want[i].flat[np.argmax(mean[i])] = True
+  got = transforms.downsample_masks(masks, stride)
+  assert got.dtype == bool and got.shape == (5, m, m)
+  np.testing.assert_array_equal(got, want)
+  if stride == 1:
+    np.testing.assert_array_equal(got, masks)
 
 
 def test_boxes_match_masks():
@@ -103,7 +120,7 @@ def test_boxes_match_masks():
   np.testing.assert_allclose(boxes[1], [30.5 / 64, 40.5 / 64, 19 / 64, 19 / 64])
   np.testing.assert_array_equal(boxes[2], 0)
   # The 1/4 masks agree with the boxes to within one 1/4 cell on every side.
-  q = transforms.quarter_masks(masks[:2])
+  q = transforms.downsample_masks(masks[:2], 4)
   for i in range(2):
     ys, xs = np.nonzero(q[i])
     qbox = np.array([xs.min() * 4, ys.min() * 4, xs.max() * 4 + 4, ys.max() * 4 + 4]) / 64

@@ -83,8 +83,9 @@ def sampled_mask_losses(
   coords = get_uncertain_point_coords_with_randomness(
       rng, pred_masks, num_points, oversample_ratio, importance_sample_ratio,
       region=region)  # [B, M, P, 2]
+  # Targets are read at the points in their own (e.g. bool) dtype, without a float copy.
   point_labels = point_sample(
-      jax.lax.stop_gradient(gt_masks.astype(jnp.float32))[:, :, None], coords)[:, :, 0]  # [B, M, P]
+      jax.lax.stop_gradient(gt_masks)[:, :, None], coords)[:, :, 0]  # [B, M, P]
   pred_masks = pred_masks.astype(jnp.float32)  # [B, M, h, w]
   point_logits = point_sample(pred_masks[:, :, None], coords)[:, :, 0]  # [B, M, P]
   return sigmoid_ce_loss(point_logits, point_labels), dice_loss(point_logits, point_labels)

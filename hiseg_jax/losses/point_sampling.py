@@ -32,6 +32,8 @@ def point_sample(
   Args:
     inputs: feature maps, `[..., C, H, W]` (or `[..., H, W, C]` with
       `channels_last`); the leading dims are batch dims shared with `coords`.
+      Any numeric or bool dtype: values are converted after the lookup, so
+      bool targets need no float copy of the whole map.
     coords: `[..., P, 2]` points as `(x, y)` in `[0, 1]`, same leading dims.
     align_corners: PyTorch's `align_corners` convention; False maps 0 and 1 to
       the outer pixel edges, True to the outer pixel centres.
@@ -73,7 +75,8 @@ def point_sample(
     inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)  # [..., P]
     index = jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1)  # [..., P]
     values = jnp.take_along_axis(flat, index[..., None, :], axis=-1)  # [..., C, P]
-    return values * jnp.where(inside, weight, 0.0)[..., None, :]  # [..., C, P]
+    weight = jnp.where(inside, weight, 0.0)[..., None, :]  # [..., 1, P]
+    return values.astype(jnp.promote_types(values.dtype, weight.dtype)) * weight  # [..., C, P]
 
   out = (corner(y0, x0, (1 - wx1) * (1 - wy1))
          + corner(y0, x0 + 1, wx1 * (1 - wy1))

@@ -104,7 +104,9 @@ def mask_matching_cost(
         f"{gt_masks.shape}")
   pred_logits = jax.lax.stop_gradient(pred_logits)  # [B, N]
   pred_masks = jax.lax.stop_gradient(pred_masks).astype(jnp.float32)  # [B, N, h, w]
-  gt_masks = jax.lax.stop_gradient(gt_masks).astype(jnp.float32)  # [B, M, hg, wg]
+  # Read at the points in their own dtype: converting full-resolution bool targets to float
+  # first costs more than the sampling.
+  gt_masks = jax.lax.stop_gradient(gt_masks)  # [B, M, hg, wg]
   coords = sample_uniform_points(rng, num_points, pred_logits.shape[:1], region)  # [B, K, 2]
   pred_points = point_sample(pred_masks, coords)  # [B, N, K]
   gt_points = point_sample(gt_masks, coords)  # [B, M, K]
