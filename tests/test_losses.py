@@ -137,6 +137,8 @@ def test_config_validation():
     check_aims_loss_config({**cfg, "num_points": 12.5})
   with pytest.raises(ValueError, match="unknown matcher"):
     check_aims_loss_config({**cfg, "matcher": "auction"})
+  with pytest.raises(ValueError, match="block_batch must be > 0, got 0"):
+    check_aims_loss_config({**cfg, "block_batch": 0})
 
 
 # ---- the full criterion ----------------------------------------------------------------
@@ -270,9 +272,12 @@ def reference_criterion(outputs, batch, rng, cfg):
   return total, terms
 
 
-def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised():
+@pytest.mark.parametrize("block_batch", [1, 2, 3])
+def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised(block_batch):
+  # Two predictions per level: one at a time, both together, and a group larger than the level.
   outputs, batch = make_case()
   cfg = small_config()
+  cfg["block_batch"] = block_batch
   rng = jax.random.PRNGKey(5)
   (total, terms), grads = jax.jit(jax.value_and_grad(
       lambda o: aims_set_criterion(o, batch, rng, cfg), has_aux=True))(outputs)

@@ -34,7 +34,7 @@ def check_loss_config(name: str, config: Mapping[str, Any],
       raise ValueError(f"{name}: {key} must be {'/'.join(t.__name__ for t in allowed)}, "
                        f"got {value!r}")
     out[key] = value
-  for key in ("num_points", "match_num_points", "candidate_k"):
+  for key in ("num_points", "match_num_points", "candidate_k", "block_batch"):
     if key in out and out[key] <= 0:
       raise ValueError(f"{name}: {key} must be > 0, got {out[key]}")
   if out["oversample_ratio"] < 1 or not 0 <= out["importance_sample_ratio"] <= 1:
