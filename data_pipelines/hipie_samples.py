@@ -397,7 +397,8 @@ class SampleBuilder:
       raise ValueError(f"{where}: {len(visible)} {kind} exceed max {n} (strict maxima)")
     kept_masks = masks[kept]  # [M, S, S]
     arrays = {
-        f"{kind}/masks": transforms.pad_to(transforms.downsample_masks(kept_masks, 4), n),  # [n,S/4,S/4]
+        f"{kind}/masks": transforms.pad_to(
+            transforms.downsample_masks(kept_masks, 4), n),  # [n, S/4, S/4]
         f"{kind}/boxes": transforms.pad_to(transforms.masks_to_boxes(kept_masks), n),  # [n, 4]
         f"{kind}/labels": transforms.pad_to(classes[kept].astype(np.int32) + 1, n) - 1,  # [n]
         f"{kind}/positive_map": transforms.pad_to(positive[kept], n),  # [n, T]

@@ -255,7 +255,8 @@ def aims_set_criterion(
       `[B, Q]`, `masks` `[B, Q, h, w]` (stride 4) and `aux`, a list of such
       dicts for the earlier decoder predictions (may be empty); optionally
       `assoc_ep` `[B, Q_e, Q_p]` and `assoc_re` `[B, Q_r, Q_e]` similarity logits.
-    batch: data-contract batch: `L/masks` `[B, N_L, H/4, W/4]`, `L/valid`
+    batch: data-contract batch: `L/masks` `[B, N_L, H/k, W/k]` (any target
+      stride k, e.g. 4 or 1; read at normalised points), `L/valid`
       `[B, N_L]` for each level, `assoc/ep` `[B, N_e, N_p]`, `assoc/re`
       `[B, N_r, N_e]`, `assoc/ep_valid` `[B]`, `assoc/re_valid` `[B]`,
       `prompt/region` `[B, H, W]`, optional `valid` `[B, H, W]`, `task` `[B]`.
