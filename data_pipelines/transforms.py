@@ -260,7 +260,7 @@ def downsample_masks(masks: np.ndarray, stride: int) -> np.ndarray:
 
   Args:
     masks: bool [N, S, S] with S divisible by `stride`.
-    stride: cell side, >= 1 (1 returns a copy).
+    stride: cell side, >= 1 (1 returns the masks themselves, as bool).
 
   Returns:
     bool [N, S/stride, S/stride]: cells with at least half of their pixels foreground; a mask
@@ -271,7 +271,7 @@ def downsample_masks(masks: np.ndarray, stride: int) -> np.ndarray:
     raise ValueError(f"canvas side must be divisible by the mask stride {stride}, got masks of "
                      f"shape {masks.shape}")
   if stride == 1:
-    return np.array(masks, bool)
+    return np.asarray(masks, bool)
   m = s // stride
   # Explicit adds of strided views: several times faster than a sum over axes (2, 4).
   cells = np.ascontiguousarray(masks, bool).view(np.uint8).reshape(n, s, m, stride)  # [N,S,m,k]
