@@ -1,14 +1,16 @@
 """AIMS train-step benchmark: compile time, step time, images/s and achieved GFLOP/s.
 
     python -m bench.train_step [--steps 8] [--warmup 2] [--r50-steps 2] [--r50-warmup 1] \
-        [--r50-batch 2]
+        [--r50-batch 2] [--glibc-defaults]
 
 Two settings of configs/aims.py: `runlocal` as configured (128 px, batch 8) and `r50` at 512 px
 (the paper's architecture and loss, `image_size=512`, `batch_size=--r50-batch`; nothing else
 changed). The step is built exactly as training builds it (`trainer.create_train_state`,
 `make_train_step`, `jit_train_step`: random initial weights, AdamW, host Hungarian matching) and
 is fed real mixture batches of the AIMS training pipeline read from a synthetic dataset generated
-into a temporary folder.
+into a temporary folder. Like every command line of the project, the benchmark first keeps freed
+host memory for reuse (`hiseg_jax/host_memory.py`); `--glibc-defaults` leaves malloc as it is, to
+measure what that saves.
 
 Per setting: compile time (lowering + XLA compilation), the median wall time of the timed steps
 after the untimed warm-up steps (each step's inputs are on device before its clock starts; the
@@ -37,6 +39,7 @@ import numpy as np
 
 from configs import aims
 from data_pipelines import synthetic
+from hiseg_jax import host_memory
 from hiseg_jax import registry
 from hiseg_jax.train import optim
 from hiseg_jax.train import sharding
@@ -171,7 +174,11 @@ def main() -> None:
   parser.add_argument('--r50-steps', type=int, default=2, help='timed r50 steps')
   parser.add_argument('--r50-warmup', type=int, default=1, help='untimed r50 steps')
   parser.add_argument('--r50-batch', type=int, default=2, help='r50 global batch')
+  parser.add_argument('--glibc-defaults', action='store_true',
+                      help='do not keep freed host memory (unmap large buffers after each step)')
   args = parser.parse_args()
+  kept = not args.glibc_defaults and host_memory.keep_freed_memory()
+  print(f'freed host memory kept for reuse: {kept}')
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s)')
   rows = []
   with tempfile.TemporaryDirectory(prefix='hiseg_bench_') as root:

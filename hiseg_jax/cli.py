@@ -1,4 +1,5 @@
-"""What every command line does first: quiet orbax's logs, validate the config, start jax.distributed.
+"""What every command line does first: quiet orbax's logs, keep freed host memory, validate the
+config, start jax.distributed.
 
 Shared by `python -m hiseg_jax.main` and `python -m eval.evaluate`.
 """
@@ -10,6 +11,7 @@ import ml_collections
 from absl import logging
 
 from hiseg_jax import config_validation
+from hiseg_jax import host_memory
 from hiseg_jax import registry
 
 
@@ -32,6 +34,7 @@ def start(config: ml_collections.ConfigDict) -> registry.ModelSpec:
     KeyError: for an unknown model name.
   """
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  host_memory.keep_freed_memory()
   spec = registry.get(config_validation.model_name(config))
   config_validation.validate(config, spec.config_sections)
   if config.multihost:
