@@ -100,9 +100,9 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       "oversample_ratio": 3.0,
       "importance_sample_ratio": 0.75,
       "matcher": "hungarian_host",
-      # Decoder blocks of a level matched and scored together: all of them on the small
+      # Auxiliary decoder blocks of a level matched and scored together: all of them on the small
       # runlocal model (fewer, larger ops), one at a time at 1024 px (memory).
-      "block_batch": 4 if runlocal else 1,
+      "block_batch": 3 if runlocal else 1,
   })
 
   config.input = ml_collections.ConfigDict({

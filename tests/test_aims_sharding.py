@@ -67,6 +67,10 @@ def test_aims_step_equal_on_one_and_eight_devices(tmp_path):
   for key, value in one['terms'].items():
     np.testing.assert_allclose(eight['terms'][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
   assert eight['grads'].keys() == one['grads'].keys()
+  # Per leaf 1e-3 of its largest entry; leaves whose gradient is mathematically zero (attention
+  # key biases: the softmax ignores a constant added to a row) hold only float32 rounding noise
+  # of the sums that cancel, so the floor scales with the model's largest gradient entry.
+  largest = max(float(np.max(np.abs(value))) for value in one['grads'].values())
   for key, value in one['grads'].items():
-    atol = max(1e-3 * float(np.max(np.abs(value))), 1e-7)
+    atol = max(1e-3 * float(np.max(np.abs(value))), 1e-6 * largest)
     np.testing.assert_allclose(eight['grads'][key], value, rtol=1e-4, atol=atol, err_msg=key)

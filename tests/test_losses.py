@@ -1,6 +1,7 @@
 """Tests for hiseg_jax.losses: Mask2Former loss pieces against PyTorch transcriptions and
 the full AIMS set criterion against a torch + scipy transcription written here."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,10 +190,12 @@ def small_config(matcher="hungarian_host"):
   return cfg
 
 
-def reference_criterion(outputs, batch, rng, cfg):
+def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
   """Torch + scipy transcription of the AIMS criterion (Mask2Former SetCriterion per level).
 
-  Random points are re-derived with the library's samplers and the documented key split.
+  Random points are re-derived with the library's samplers and the documented key split. With
+  `sample_tasks`, the points of every loss and of the auxiliary matchings are drawn for the
+  level's positions only, as the criterion documents.
   """
   region = batch["prompt/region"] * (batch["valid"] > 0.5)
   region_any = (region > 0.5).any(axis=(1, 2))
@@ -212,17 +215,20 @@ def reference_criterion(outputs, batch, rng, cfg):
     tasks = [t for t, (d, _) in AIMS_TASK_SUPERVISION.items() if d == level]
     active = np.isin(batch["task"], tasks) & region_any
     num_masks = max(float((valid & active[:, None]).sum()), 1.0)
+    scored = np.arange(BATCH) if sample_tasks is None else np.array(
+        [b for b, t in enumerate(sample_tasks) if AIMS_TASK_SUPERVISION[t][0] == level], int)
     aux = 0.0
     for i, (blk, block_key) in enumerate(zip(blocks, jax.random.split(level_key, len(blocks)))):
       match_key, loss_key = jax.random.split(block_key)
-      coords = np.array(uniform_points(match_key, cfg["match_num_points"], (BATCH,),
-                                       jnp.asarray(region)))
+      matched_rows = np.arange(BATCH) if i == len(blocks) - 1 else scored
+      coords = np.array(uniform_points(match_key, cfg["match_num_points"], (len(matched_rows),),
+                                       jnp.asarray(region[matched_rows])))
       pred_idx = np.zeros(valid.shape, np.int64)
       matched = np.zeros(valid.shape, bool)
-      for b in range(BATCH):
+      for r, b in enumerate(matched_rows):
         cost = torch_matcher_cost(
             torch.from_numpy(blk["logits"][b]), torch.from_numpy(blk["masks"][b]),
-            torch.from_numpy(gt[b]), torch.from_numpy(coords[b]), weights).numpy()
+            torch.from_numpy(gt[b]), torch.from_numpy(coords[r]), weights).numpy()
         cols = np.flatnonzero(valid[b])
         rows, sel = linear_sum_assignment(cost[:, cols])
         pred_idx[b, cols[sel]] = rows
@@ -235,9 +241,10 @@ def reference_criterion(outputs, batch, rng, cfg):
           torch.from_numpy(blk["logits"]), torch.from_numpy(target),
           weight=torch.from_numpy(w.astype(np.float32)), reduction="sum")) / w.sum()
       aligned = np.take_along_axis(blk["masks"], pred_idx[:, :, None, None], axis=1)
-      point_coords = np.array(uncertain_points(
-          loss_key, jnp.asarray(aligned), cfg["num_points"], cfg["oversample_ratio"],
-          cfg["importance_sample_ratio"], jnp.asarray(region)))
+      point_coords = np.zeros(aligned.shape[:2] + (cfg["num_points"], 2), np.float32)
+      point_coords[scored] = np.array(uncertain_points(
+          loss_key, jnp.asarray(aligned[scored]), cfg["num_points"], cfg["oversample_ratio"],
+          cfg["importance_sample_ratio"], jnp.asarray(region[scored])))
       keep = matched & active[:, None]
       src = torch.from_numpy(aligned[keep][:, None])
       tgt = torch.from_numpy(gt[keep][:, None])
@@ -272,16 +279,24 @@ def reference_criterion(outputs, batch, rng, cfg):
   return total, terms
 
 
-@pytest.mark.parametrize("block_batch", [1, 2, 3])
-def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised(block_batch):
-  # Two predictions per level: one at a time, both together, and a group larger than the level.
+@pytest.mark.parametrize("block_batch,static_layout", [(1, False), (2, False), (1, True),
+                                                       (2, True)])
+def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised(
+    block_batch, static_layout):
+  # Two predictions per level (one auxiliary): auxiliary blocks one at a time and a group larger
+  # than the level's; every position scored, or only the level's positions of a static layout.
   outputs, batch = make_case()
   cfg = small_config()
   cfg["block_batch"] = block_batch
+  sample_tasks = tuple(int(t) for t in batch["task"]) if static_layout else None
   rng = jax.random.PRNGKey(5)
   (total, terms), grads = jax.jit(jax.value_and_grad(
-      lambda o: aims_set_criterion(o, batch, rng, cfg), has_aux=True))(outputs)
-  ref_total, ref_terms = reference_criterion(outputs, batch, rng, cfg)
+      lambda o: aims_set_criterion(o, batch, rng, cfg, sample_tasks=sample_tasks),
+      has_aux=True))(outputs)
+  ref_total, ref_terms = reference_criterion(outputs, batch, rng, cfg, sample_tasks)
+  if static_layout:
+    for level in LEVELS:  # every supervising sample sits where the layout puts its type
+      assert float(terms.pop(f"{level}/off_layout")) == 0.0
   assert set(terms) == set(ref_terms)
   # float32 sums of a few hundred terms in a different order: rtol 1e-5.
   for name, value in ref_terms.items():
@@ -328,3 +343,13 @@ def test_criterion_without_association_module_and_bad_inputs():
     jax.eval_shape(criterion, outputs, {k: v for k, v in batch.items() if k != "prompt/region"})
   with pytest.raises(ValueError, match="unknown levels"):
     jax.eval_shape(lambda o, b: criterion(o, b, {1: ("object", "entity")}), outputs, batch)
+
+  def with_layout(o, b, sample_tasks):
+    return aims_set_criterion(o, b, jax.random.PRNGKey(0), cfg, sample_tasks=sample_tasks)
+
+  # Position 3 holds a type-7 (part) sample where the layout says type 8 (relation): it is
+  # counted as off the layout and scored by no decoder.
+  _, terms = jax.jit(functools.partial(with_layout, sample_tasks=(1, 5, 8, 8)))(outputs, batch)
+  assert [float(terms[f"{lv}/off_layout"]) for lv in LEVELS] == [1.0, 0.0, 0.0]
+  with pytest.raises(ValueError, match="sample_tasks has 3 entries for a batch of 4"):
+    jax.eval_shape(functools.partial(with_layout, sample_tasks=(1, 5, 8)), outputs, batch)

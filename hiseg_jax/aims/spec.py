@@ -6,7 +6,7 @@ What the one trainer needs from AIMS (hiseg_jax/registry.py): the module built f
 evaluation of `eval.aims_eval`.
 """
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,27 @@ def apply_model(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array
                       batch['prompt/mask'].astype(jnp.float32), train=train, rngs=rngs)
 
 
+def static_sample_tasks(config: ml_collections.ConfigDict, batch_size: int,
+                        train: bool) -> Optional[Tuple[int, ...]]:
+  """The sample type at every position of a global training batch, when the layout fixes it.
+
+  The training pipeline puts type `sample_types[g % K]` at global position g; with a global
+  batch divisible by K every batch has that same layout.
+
+  Args:
+    config: the run config (`input.sample_types`).
+    batch_size: the global batch size.
+    train: training mode (evaluation batches carry no mixture).
+
+  Returns:
+    The types of positions 0..batch_size-1, or None when the layout varies between batches.
+  """
+  types = tuple(config.input.sample_types)
+  if not train or batch_size % len(types):
+    return None
+  return tuple(types[g % len(types)] for g in range(batch_size))
+
+
 def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
             config: ml_collections.ConfigDict, train: bool
             ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
@@ -87,7 +108,8 @@ def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], r
   """
   dropout_rng, loss_rng = jax.random.split(rng)
   outputs = apply_model(module, variables, batch, train, dropout_rng)
-  loss, terms = aims_set_criterion(outputs, batch, loss_rng, config.loss.to_dict())
+  loss, terms = aims_set_criterion(outputs, batch, loss_rng, config.loss.to_dict(),
+                                   sample_tasks=static_sample_tasks(config, batch['task'].shape[0], train))
   truncated = jnp.sum(batch['stats/truncated'], axis=0)  # [3]
   for i, level in enumerate(('part', 'entity', 'relation')):
     terms[f'{level}/truncated'] = truncated[i].astype(jnp.float32)

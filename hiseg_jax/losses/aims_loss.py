@@ -39,29 +39,38 @@ own level and add no association pairs. The term is skipped
 when the model has no association module (`outputs` lacks `assoc_ep` /
 `assoc_re`).
 
+Static sample layout (`sample_tasks`): the AIMS mixture fixes the sample type of every batch
+position, so the positions that supervise a level are known when the step is traced. The
+auxiliary predictions are then matched and scored on those positions only, and the final one is
+matched on the whole batch (for the association loss) and scored on them; the losses are those
+of the unrestricted criterion (other positions contribute nothing there), computed on a third
+to a quarter of the samples (the point sampling and its top-k dominate the runlocal loss).
+
 Randomness (documented so tests can re-derive the points):
 `level_keys = jax.random.split(rng, 3)` in the order part, entity, relation;
 `block_keys = jax.random.split(level_key, num_blocks)` over the blocks in the
 order `aux[0], ..., aux[-1], final`; `match_key, loss_key =
 jax.random.split(block_key)` feed `mask_matching_cost` and
-`sampled_mask_losses`.
+`sampled_mask_losses`, drawn for the samples each one sees (the level's positions, or the whole
+batch for the final matching and without `sample_tasks`).
 
-The blocks of a level are stacked (`[K, B, Q, h, w]`, one extra copy of the
+The auxiliary blocks of a level are stacked (`[K-1, B, Q, h, w]`, one extra copy of the
 predicted masks) and processed by `jax.lax.map` in groups of `block_batch`
 blocks (vectorised within a group, one group after the other), so compile time
 does not grow with the number of decoder blocks; `block_batch` = 1 keeps the
 point-sampling buffers of only one block live (large images), `block_batch` >=
-K runs every block at once in fewer, larger operations and one host matching
+K-1 runs every auxiliary block at once in fewer, larger operations and one host matching
 call per level (about 5% faster per runlocal training step on a 2-core CPU).
 The result does not depend on `block_batch`. All predictions of a level must
 share shapes.
 """
 
 import functools
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data_pipelines import aims_mixture
 from hiseg_jax.losses.association_loss import association_loss
@@ -168,6 +177,52 @@ def _supervised_region(batch: Mapping[str, jax.Array]) -> jax.Array:
   return region
 
 
+def _match(
+    block_key: jax.Array,
+    logits: jax.Array,
+    masks: jax.Array,
+    gt_masks: jax.Array,
+    gt_valid: jax.Array,
+    region: jax.Array,
+    cfg: Mapping[str, Any],
+    matcher: Callable[[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]],
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Matches one decoder prediction of a level; returns (loss_key, pred_idx [B, N], matched [B, N])."""
+  match_key, loss_key = jax.random.split(block_key)
+  cost = mask_matching_cost(
+      match_key, logits, masks, gt_masks, cfg["match_num_points"], cfg["class_weight"],
+      cfg["mask_weight"], cfg["dice_weight"], region=region)  # [B, Q, N]
+  pred_idx, matched = matcher(cost, gt_valid)  # [B, N], [B, N]
+  return loss_key, pred_idx, matched
+
+
+def _matched_losses(
+    loss_key: jax.Array,
+    logits: jax.Array,
+    masks: jax.Array,
+    pred_idx: jax.Array,
+    matched: jax.Array,
+    *,
+    gt_masks: jax.Array,
+    active: jax.Array,
+    num_masks: jax.Array,
+    region: jax.Array,
+    cfg: Mapping[str, Any],
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Objectness, mask BCE and dice losses of one matched decoder prediction."""
+  loss_obj = objectness_loss(
+      logits, matched_queries(pred_idx, matched, logits.shape[1]), active,
+      cfg["no_object_weight"])
+  aligned = jnp.take_along_axis(masks, pred_idx[:, :, None, None], axis=1)  # [B, N, h, w]
+  ce, dice = sampled_mask_losses(
+      loss_key, aligned, gt_masks, cfg["num_points"], cfg["oversample_ratio"],
+      cfg["importance_sample_ratio"], region=region)  # [B, N], [B, N]
+  keep = matched & active[:, None]  # [B, N]
+  loss_mask = jnp.where(keep, ce, 0.0).sum() / num_masks
+  loss_dice = jnp.where(keep, dice, 0.0).sum() / num_masks
+  return loss_obj, loss_mask, loss_dice
+
+
 def _block_losses(
     block_key: jax.Array,
     logits: jax.Array,
@@ -180,24 +235,12 @@ def _block_losses(
     region: jax.Array,
     cfg: Mapping[str, Any],
     matcher: Callable[[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]],
-) -> Tuple[Tuple[jax.Array, jax.Array, jax.Array], Tuple[jax.Array, jax.Array]]:
-  """Matches one decoder prediction of a level and computes its three losses."""
-  match_key, loss_key = jax.random.split(block_key)
-  cost = mask_matching_cost(
-      match_key, logits, masks, gt_masks, cfg["match_num_points"], cfg["class_weight"],
-      cfg["mask_weight"], cfg["dice_weight"], region=region)  # [B, Q, N]
-  pred_idx, matched = matcher(cost, gt_valid)  # [B, N], [B, N]
-  loss_obj = objectness_loss(
-      logits, matched_queries(pred_idx, matched, logits.shape[1]), active,
-      cfg["no_object_weight"])
-  aligned = jnp.take_along_axis(masks, pred_idx[:, :, None, None], axis=1)  # [B, N, h, w]
-  ce, dice = sampled_mask_losses(
-      loss_key, aligned, gt_masks, cfg["num_points"], cfg["oversample_ratio"],
-      cfg["importance_sample_ratio"], region=region)  # [B, N], [B, N]
-  keep = matched & active[:, None]  # [B, N]
-  loss_mask = jnp.where(keep, ce, 0.0).sum() / num_masks
-  loss_dice = jnp.where(keep, dice, 0.0).sum() / num_masks
-  return (loss_obj, loss_mask, loss_dice), (pred_idx, matched)
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """Matches one (auxiliary) decoder prediction of a level and computes its three losses."""
+  loss_key, pred_idx, matched = _match(block_key, logits, masks, gt_masks, gt_valid, region,
+                                       cfg, matcher)
+  return _matched_losses(loss_key, logits, masks, pred_idx, matched, gt_masks=gt_masks,
+                         active=active, num_masks=num_masks, region=region, cfg=cfg)
 
 
 def _decoder_targets(batch: Mapping[str, jax.Array], decoder: str, task: jax.Array,
@@ -247,6 +290,7 @@ def aims_set_criterion(
     rng: jax.Array,
     config: Mapping[str, Any],
     task_supervision: Mapping[int, Tuple[str, str]] = AIMS_TASK_SUPERVISION,
+    sample_tasks: Optional[Sequence[int]] = None,
 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """AIMS training loss (Eq. 9 = Eq. 4 over levels and blocks + Eq. 8).
 
@@ -264,12 +308,19 @@ def aims_set_criterion(
     config: loss settings, see `default_aims_loss_config`.
     task_supervision: sample type -> (supervised decoder, level of its targets)
       (the data layer's Table 6).
+    sample_tasks: the sample type of every batch position when it is fixed by the batch layout
+      (the AIMS mixture puts type `sample_types[g % K]` at global position g, so with a batch
+      size divisible by K every batch has the same layout); the losses of a level are then
+      computed on the positions of its sample types only. None: every position is scored and
+      `task` alone decides which ones count.
 
   Returns:
     `(total, terms)`: the weighted total and unweighted scalar terms
     `L/loss_obj`, `L/loss_mask`, `L/loss_dice` (final prediction),
     `L/loss_aux` (weighted sum over the auxiliary predictions) per level and
-    `assoc/loss_ep`, `assoc/loss_re` when the model predicts associations.
+    `assoc/loss_ep`, `assoc/loss_re` when the model predicts associations; with
+    `sample_tasks`, also `L/off_layout`: the supervising samples of level L found at a position
+    the layout gives another type (they are not scored, so it must stay 0).
 
   Raises:
     ValueError: on a bad config, unknown levels in `task_supervision`, or missing
@@ -294,6 +345,9 @@ def aims_set_criterion(
   task = batch["task"]  # [B]
   if task.shape != (batch_size,):
     raise ValueError(f"aims_set_criterion: batch['task'] must be [{batch_size}], got {task.shape}")
+  if sample_tasks is not None and len(sample_tasks) != batch_size:
+    raise ValueError(f"aims_set_criterion: sample_tasks has {len(sample_tasks)} entries for a "
+                     f"batch of {batch_size}")
 
   total = jnp.zeros((), jnp.float32)
   terms = {}
@@ -322,27 +376,51 @@ def aims_set_criterion(
     if len(shapes) != 1:
       raise ValueError(f"aims_set_criterion: outputs[{level!r}] and its 'aux' predictions must "
                        f"share shapes (logits, masks); got {sorted(shapes)}")
-    block_fn = functools.partial(
-        _block_losses, gt_masks=gt_masks, gt_valid=gt_valid, active=active,
-        num_masks=num_masks, region=region, cfg=cfg, matcher=matcher)
-    stacked_logits = jnp.stack([b["logits"] for b in blocks])  # [K, B, Q]
-    stacked_masks = jnp.stack([b["masks"] for b in blocks])  # [K, B, Q, h, w]
+    # Static sample layout: only the positions of this level's sample types are scored.
+    rows = None if sample_tasks is None else np.asarray(
+        [g for g, t in enumerate(sample_tasks) if task_supervision.get(t, (None,))[0] == level],
+        np.int32)  # [B_L]
+    if rows is not None:
+      off_layout = active.at[rows].set(False)  # [B]
+      terms[f"{level}/off_layout"] = off_layout.sum().astype(jnp.float32)
+    pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
+    pick_blocks = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=1))
+    sub = {"gt_masks": pick(gt_masks), "active": pick(active), "num_masks": num_masks,
+           "region": pick(region), "cfg": cfg}
     block_keys = jax.random.split(level_key, len(blocks))  # [K] keys
-    losses, matches = jax.lax.map(
-        lambda xs: block_fn(*xs), (block_keys, stacked_logits, stacked_masks),
-        batch_size=min(cfg["block_batch"], len(blocks)))
-    loss_obj, loss_mask, loss_dice = losses  # [K] each
-    pred_idx, matched = matches  # [K, B, N] each
-    weighted = (cfg["class_weight"] * loss_obj + cfg["mask_weight"] * loss_mask
-                + cfg["dice_weight"] * loss_dice)  # [K]
-    total = total + weighted.sum()  # []
-    terms[f"{level}/loss_obj"] = loss_obj[-1]
-    terms[f"{level}/loss_mask"] = loss_mask[-1]
-    terms[f"{level}/loss_dice"] = loss_dice[-1]
-    terms[f"{level}/loss_aux"] = weighted[:-1].sum()
+
+    # Final prediction: matched on the whole batch (the association loss needs every sample's
+    # matches), scored on the supervising samples.
+    loss_key, pred_idx, matched = _match(
+        block_keys[-1], level_out["logits"], level_out["masks"], gt_masks, gt_valid, region,
+        cfg, matcher)  # [B, N] x 2
+    if rows is None or rows.size:
+      final = _matched_losses(loss_key, pick(level_out["logits"]), pick(level_out["masks"]),
+                              pick(pred_idx), pick(matched), **sub)  # 3 x []
+    else:
+      final = (jnp.zeros((), jnp.float32),) * 3
+    loss_obj, loss_mask, loss_dice = final
+    final_weighted = (cfg["class_weight"] * loss_obj + cfg["mask_weight"] * loss_mask
+                      + cfg["dice_weight"] * loss_dice)  # []
+    aux_weighted = jnp.zeros((), jnp.float32)
+    if len(blocks) > 1 and (rows is None or rows.size):
+      block_fn = functools.partial(_block_losses, gt_valid=pick(gt_valid), matcher=matcher, **sub)
+      stacked_logits = pick_blocks(jnp.stack([b["logits"] for b in blocks[:-1]]))  # [K-1, B_L, Q]
+      stacked_masks = pick_blocks(
+          jnp.stack([b["masks"] for b in blocks[:-1]]))  # [K-1, B_L, Q, h, w]
+      aux_obj, aux_mask, aux_dice = jax.lax.map(
+          lambda xs: block_fn(*xs), (block_keys[:-1], stacked_logits, stacked_masks),
+          batch_size=min(cfg["block_batch"], len(blocks) - 1))  # [K-1] each
+      aux_weighted = (cfg["class_weight"] * aux_obj + cfg["mask_weight"] * aux_mask
+                      + cfg["dice_weight"] * aux_dice).sum()  # []
+    total = total + final_weighted + aux_weighted  # []
+    terms[f"{level}/loss_obj"] = loss_obj
+    terms[f"{level}/loss_mask"] = loss_mask
+    terms[f"{level}/loss_dice"] = loss_dice
+    terms[f"{level}/loss_aux"] = aux_weighted
     own = batch[f"{level}/valid"].shape[1]
-    final_matches[level] = (pred_idx[-1][:, :own],
-                            matched[-1][:, :own] & ~swapped[:, None])  # [B, N_L] x 2
+    final_matches[level] = (pred_idx[:, :own],
+                            matched[:, :own] & ~swapped[:, None])  # [B, N_L] x 2
 
   for out_key, gt_key, valid_key, high, low in ASSOCIATIONS:
     if out_key not in outputs:
