@@ -11,6 +11,7 @@ from data_pipelines import aims_mixture
 from data_pipelines import pipeline
 from data_pipelines import readers
 from data_pipelines import synthetic
+from hiseg_jax.aims import spec as aims_spec
 
 S, B = 64, 8
 MAX = {"part": 4, "entity": 4, "relation": 3}
@@ -128,6 +129,20 @@ def test_mixture_has_each_type_once_per_8_from_eligible_datasets(sources):
 def test_sample_types_subset_cycles_in_config_order(sources):
   p = pipeline.build_train_pipeline(_config(sample_types=(7, 1), batch_size=4), sources, 0, 1)
   assert next(iter(p.dataset))["task"].tolist() == [7, 1, 7, 1]
+
+
+def test_loss_layout_is_the_pipelines_batch_layout(sources):
+  # The AIMS loss scores each level on the positions `static_sample_tasks` gives its types.
+  for types, batch_size in (((7, 1), 4), (tuple(range(1, 9)), 8)):
+    p = pipeline.build_train_pipeline(_config(sample_types=types, batch_size=batch_size),
+                                      sources, 0, 1)
+    run = ml_collections.ConfigDict({"input": {"sample_types": types}})
+    layout = aims_spec.static_sample_tasks(run, batch_size, train=True)
+    for batch in _take(iter(p.dataset), 3):
+      assert batch["task"].tolist() == list(layout)
+  run = ml_collections.ConfigDict({"input": {"sample_types": tuple(range(1, 9))}})
+  assert aims_spec.static_sample_tasks(run, 12, train=True) is None  # layout varies by batch
+  assert aims_spec.static_sample_tasks(run, 8, train=False) is None
 
 
 def test_process_shards_concatenate_to_the_global_batch(sources):

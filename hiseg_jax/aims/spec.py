@@ -108,8 +108,9 @@ def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], r
   """
   dropout_rng, loss_rng = jax.random.split(rng)
   outputs = apply_model(module, variables, batch, train, dropout_rng)
+  layout = static_sample_tasks(config, batch['task'].shape[0], train)
   loss, terms = aims_set_criterion(outputs, batch, loss_rng, config.loss.to_dict(),
-                                   sample_tasks=static_sample_tasks(config, batch['task'].shape[0], train))
+                                   sample_tasks=layout)
   truncated = jnp.sum(batch['stats/truncated'], axis=0)  # [3]
   for i, level in enumerate(('part', 'entity', 'relation')):
     terms[f'{level}/truncated'] = truncated[i].astype(jnp.float32)

@@ -187,7 +187,11 @@ def _match(
     cfg: Mapping[str, Any],
     matcher: Callable[[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]],
 ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Matches one decoder prediction of a level; returns (loss_key, pred_idx [B, N], matched [B, N])."""
+  """Matches one decoder prediction of a level.
+
+  Returns:
+    (the block's loss key, pred_idx int32 [B, N], matched bool [B, N]).
+  """
   match_key, loss_key = jax.random.split(block_key)
   cost = mask_matching_cost(
       match_key, logits, masks, gt_masks, cfg["match_num_points"], cfg["class_weight"],
@@ -384,7 +388,6 @@ def aims_set_criterion(
       off_layout = active.at[rows].set(False)  # [B]
       terms[f"{level}/off_layout"] = off_layout.sum().astype(jnp.float32)
     pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
-    pick_blocks = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=1))
     sub = {"gt_masks": pick(gt_masks), "active": pick(active), "num_masks": num_masks,
            "region": pick(region), "cfg": cfg}
     block_keys = jax.random.split(level_key, len(blocks))  # [K] keys
@@ -405,9 +408,8 @@ def aims_set_criterion(
     aux_weighted = jnp.zeros((), jnp.float32)
     if len(blocks) > 1 and (rows is None or rows.size):
       block_fn = functools.partial(_block_losses, gt_valid=pick(gt_valid), matcher=matcher, **sub)
-      stacked_logits = pick_blocks(jnp.stack([b["logits"] for b in blocks[:-1]]))  # [K-1, B_L, Q]
-      stacked_masks = pick_blocks(
-          jnp.stack([b["masks"] for b in blocks[:-1]]))  # [K-1, B_L, Q, h, w]
+      stacked_logits = jnp.stack([pick(b["logits"]) for b in blocks[:-1]])  # [K-1, B_L, Q]
+      stacked_masks = jnp.stack([pick(b["masks"]) for b in blocks[:-1]])  # [K-1, B_L, Q, h, w]
       aux_obj, aux_mask, aux_dice = jax.lax.map(
           lambda xs: block_fn(*xs), (block_keys[:-1], stacked_logits, stacked_masks),
           batch_size=min(cfg["block_batch"], len(blocks) - 1))  # [K-1] each
