@@ -104,7 +104,8 @@ def loss_fn(module: AIMSModel, variables: Any, batch: Mapping[str, jax.Array], r
     train: training mode.
 
   Returns:
-    (loss, per-term scalars, plus the number of truncated instances per level).
+    (loss, per-term scalars (with `L/off_layout` when the batch layout is static, see
+    `aims_set_criterion`), plus the number of truncated instances per level).
   """
   dropout_rng, loss_rng = jax.random.split(rng)
   outputs = apply_model(module, variables, batch, train, dropout_rng)
