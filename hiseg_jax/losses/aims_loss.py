@@ -44,7 +44,8 @@ position, so the positions that supervise a level are known when the step is tra
 auxiliary predictions are then matched and scored on those positions only, and the final one is
 matched on the whole batch (for the association loss) and scored on them. Other positions
 contribute nothing to a level's loss anyway, so the losses are those of the unrestricted
-criterion up to the random points, computed on a quarter to three eighths of the samples (the point sampling and its top-k dominate the runlocal loss).
+criterion up to the random points, computed on a quarter to three eighths of the samples (the
+point sampling and its top-k dominate the runlocal loss).
 
 Randomness (documented so tests can re-derive the points):
 `level_keys = jax.random.split(rng, 3)` in the order part, entity, relation;
