@@ -96,7 +96,11 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       "no_object_weight": 0.1,
       "assoc_weight": 1.0,
       "num_points": 256 if runlocal else 12544,
-      "match_num_points": 256 if runlocal else 12544,
+      # runlocal matches on 1,024 points (6% of a 128 px image; a median synthetic part, ~190 px,
+      # gets ~12 instead of ~3). Main command, one seed each, 1,024 vs 256: AP_part 11.9 vs 10.3,
+      # AP_relation 28.1 vs 26.4, AR_ep 12.1 vs 11.6, AR_re 35.7 vs 33.1, AP_entity 45.9 vs 46.3,
+      # wall clock 15:47 vs 15:44.
+      "match_num_points": 1024 if runlocal else 12544,
       "oversample_ratio": 3.0,
       "importance_sample_ratio": 0.75,
       "matcher": "hungarian_host",
