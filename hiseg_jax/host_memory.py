@@ -4,7 +4,7 @@ On Linux with glibc, `malloc` serves every request above its mmap threshold (at 
 with a fresh `mmap` and returns it to the kernel with `munmap` on `free`. XLA's CPU backend
 allocates each execution's temporary buffer (about 300 MB for the AIMS runlocal train step)
 that way, so every step maps it anew and the kernel zero-fills it one 4 KiB page fault at a
-time: on a 2-core machine about a fifth of the step went to page faults and a third of the
+time: on a 2-core machine about a fifth of the step went to page faults and up to half of the
 CPU time to the kernel. `keep_freed_memory` tells glibc to serve large blocks from its heap
 and keep freed memory there, so the next step reuses the same, already-mapped pages.
 
