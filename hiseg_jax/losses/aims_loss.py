@@ -66,7 +66,6 @@ The result does not depend on `block_batch`. All predictions of a level must
 share shapes.
 """
 
-import functools
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -226,26 +225,6 @@ def _matched_losses(
   loss_mask = jnp.where(keep, ce, 0.0).sum() / num_masks
   loss_dice = jnp.where(keep, dice, 0.0).sum() / num_masks
   return loss_obj, loss_mask, loss_dice
-
-
-def _block_losses(
-    block_key: jax.Array,
-    logits: jax.Array,
-    masks: jax.Array,
-    *,
-    gt_masks: jax.Array,
-    gt_valid: jax.Array,
-    active: jax.Array,
-    num_masks: jax.Array,
-    region: jax.Array,
-    cfg: Mapping[str, Any],
-    matcher: Callable[[jax.Array, jax.Array], Tuple[jax.Array, jax.Array]],
-) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """Matches one (auxiliary) decoder prediction of a level and computes its three losses."""
-  loss_key, pred_idx, matched = _match(block_key, logits, masks, gt_masks, gt_valid, region,
-                                       cfg, matcher)
-  return _matched_losses(loss_key, logits, masks, pred_idx, matched, gt_masks=gt_masks,
-                         active=active, num_masks=num_masks, region=region, cfg=cfg)
 
 
 def _decoder_targets(batch: Mapping[str, jax.Array], decoder: str, task: jax.Array,
@@ -408,11 +387,17 @@ def aims_set_criterion(
                       + cfg["dice_weight"] * loss_dice)  # []
     aux_weighted = jnp.zeros((), jnp.float32)
     if len(blocks) > 1 and (rows is None or rows.size):
-      block_fn = functools.partial(_block_losses, gt_valid=pick(gt_valid), matcher=matcher, **sub)
+      def aux_block(xs):
+        """Matches one auxiliary prediction on the level's samples and returns its 3 losses."""
+        block_key, logits, masks = xs
+        loss_key, idx, hit = _match(block_key, logits, masks, sub["gt_masks"], pick(gt_valid),
+                                    sub["region"], cfg, matcher)  # [B_L, N] x 2
+        return _matched_losses(loss_key, logits, masks, idx, hit, **sub)
+
       stacked_logits = jnp.stack([pick(b["logits"]) for b in blocks[:-1]])  # [K-1, B_L, Q]
       stacked_masks = jnp.stack([pick(b["masks"]) for b in blocks[:-1]])  # [K-1, B_L, Q, h, w]
       aux_obj, aux_mask, aux_dice = jax.lax.map(
-          lambda xs: block_fn(*xs), (block_keys[:-1], stacked_logits, stacked_masks),
+          aux_block, (block_keys[:-1], stacked_logits, stacked_masks),
           batch_size=min(cfg["block_batch"], len(blocks) - 1))  # [K-1] each
       aux_weighted = (cfg["class_weight"] * aux_obj + cfg["mask_weight"] * aux_mask
                       + cfg["dice_weight"] * aux_dice).sum()  # []
