@@ -157,7 +157,7 @@ def make_case(seed=0):
       return {"logits": rng.normal(size=(BATCH, NUM_QUERIES[level])).astype(np.float32),
               "masks": 3 * rng.normal(
                   size=(BATCH, NUM_QUERIES[level], MASK, MASK)).astype(np.float32)}
-    outputs[level] = {**block(), "aux": [block()]}
+    outputs[level] = {**block(), "aux": [block(), block()]}
   outputs["assoc_ep"] = rng.normal(size=(BATCH, 5, 6)).astype(np.float32)
   outputs["assoc_re"] = rng.normal(size=(BATCH, 4, 5)).astype(np.float32)
   batch = {}
@@ -279,12 +279,12 @@ def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
   return total, terms
 
 
-@pytest.mark.parametrize("block_batch,static_layout", [(1, False), (2, False), (1, True),
-                                                       (2, True)])
+@pytest.mark.parametrize("block_batch,static_layout", [(1, False), (3, False), (2, True)])
 def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised(
     block_batch, static_layout):
-  # Two predictions per level (one auxiliary): auxiliary blocks one at a time and a group larger
-  # than the level's; every position scored, or only the level's positions of a static layout.
+  # Three predictions per level (two auxiliary): auxiliary blocks one at a time, a group larger
+  # than the level's, or both together; every position scored, or only the level's positions
+  # of a static layout.
   outputs, batch = make_case()
   cfg = small_config()
   cfg["block_batch"] = block_batch
