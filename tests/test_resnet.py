@@ -39,7 +39,7 @@ class _TorchBottleneck(torch.nn.Module):
 
 
 class _TorchResNet(torch.nn.Module):
-  """Transcription of torchvision's ResNet body returning the four stage outputs."""
+  """Transcription of torchvision's ResNet body returning the stem and the four stage outputs."""
 
   def __init__(self, depths, widths, stem_width):
     super().__init__()
@@ -55,8 +55,9 @@ class _TorchResNet(torch.nn.Module):
       setattr(self, f'layer{i + 1}', torch.nn.Sequential(*blocks))
 
   def forward(self, x):
-    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-    outs = {}
+    stem = torch.relu(self.bn1(self.conv1(x)))
+    x = self.maxpool(stem)
+    outs = {'stem': stem}
     for i in range(4):
       x = getattr(self, f'layer{i + 1}')(x)
       outs[f'res{i + 2}'] = x
@@ -114,8 +115,8 @@ def test_tiny_resnet_matches_torchvision_transcription(norm):
   expected_tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 96, 3)))
   assert jax.tree.structure(expected_tree) == jax.tree.structure(variables)
   out = jax.jit(model.apply)(variables, images)
-  for name, stride, channels in [('res2', 4, 16), ('res3', 8, 32), ('res4', 16, 32),
-                                 ('res5', 32, 64)]:
+  for name, stride, channels in [('stem', 2, 8), ('res2', 4, 16), ('res3', 8, 32),
+                                 ('res4', 16, 32), ('res5', 32, 64)]:
     assert out[name].shape == (2, 64 // stride, 96 // stride, channels)
     np.testing.assert_allclose(np.asarray(out[name]),
                                ref[name].numpy().transpose(0, 2, 3, 1), rtol=RTOL, atol=ATOL)
@@ -151,8 +152,8 @@ def test_resnet50_shapes():
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
   out = jax.eval_shape(model.apply, variables, images)
   assert {k: v.shape for k, v in out.items()} == {
-      'res2': (2, 32, 32, 256), 'res3': (2, 16, 16, 512), 'res4': (2, 8, 8, 1024),
-      'res5': (2, 4, 4, 2048)}
+      'stem': (2, 64, 64, 64), 'res2': (2, 32, 32, 256), 'res3': (2, 16, 16, 512),
+      'res4': (2, 8, 8, 1024), 'res5': (2, 4, 4, 2048)}
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
   # torchvision ResNet-50 has 25,557,032 parameters: minus fc (2,049,000) and the BN affine
   # terms (53,120, frozen here) leaves 23,454,912 convolution weights.

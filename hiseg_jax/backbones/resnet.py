@@ -170,7 +170,8 @@ class ResNet(nn.Module):
         'batch_stats' collection must be mutable).
 
     Returns:
-      {'res2': [B, H/4, W/4, 4*widths[0]], 'res3': [B, H/8, W/8, 4*widths[1]],
+      {'stem': [B, H/2, W/2, stem_width] (the stem after its norm and ReLU, before the
+       max pool), 'res2': [B, H/4, W/4, 4*widths[0]], 'res3': [B, H/8, W/8, 4*widths[1]],
        'res4': [B, H/16, W/16, 4*widths[2]], 'res5': [B, H/32, W/32, 4*widths[3]]}.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
@@ -183,8 +184,8 @@ class ResNet(nn.Module):
                 kernel_init=_conv_init, dtype=self.dtype,
                 name='conv1')(images)  # [B, H/2, W/2, stem]
     x = nn.relu(_norm(self.norm, train, 'bn1')(x))  # [B, H/2, W/2, stem]
+    features = {'stem': x}
     x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])  # [B, H/4, W/4, stem]
-    features = {}
     for stage, (depth, width) in enumerate(zip(self.depths, self.widths)):
       for block in range(depth):
         stride = 2 if block == 0 and stage > 0 else 1
