@@ -125,7 +125,8 @@ def _predict_fn(module, config: ml_collections.ConfigDict):
   @jax.jit
   def predict(variables, batch, window):
     outputs = spec.apply_model(module, variables, batch, train=False)
-    return inference.one_step(outputs, window, top_k=config.eval.top_k)
+    return inference.one_step(outputs, window, batch['image'].shape[1:3],
+                              top_k=config.eval.top_k)
   return predict
 
 

@@ -47,7 +47,8 @@ def test_one_step_matches_reference_scoring():
   outputs = _outputs()
   valid_hw = np.array([[16, 16], [12, 8]], np.int32)
   top_k = 3
-  result = jax.jit(one_step, static_argnames='top_k')(outputs, valid_hw, top_k=top_k)
+  result = jax.jit(one_step, static_argnames=('canvas_hw', 'top_k'))(outputs, valid_hw, (16, 16),
+                                                                   top_k=top_k)
   for level, q in COUNTS.items():
     r = result[level]
     assert r['masks'].shape == (B, top_k, 16, 16) and r['masks'].dtype == bool
@@ -71,7 +72,7 @@ def test_one_step_matches_reference_scoring():
 
 
 def test_one_step_without_association_and_top_k_clipped():
-  result = one_step(_outputs(with_assoc=False), np.array([[16, 16]] * B), top_k=100)
+  result = one_step(_outputs(with_assoc=False), np.array([[16, 16]] * B), (16, 16), top_k=100)
   assert 'assoc_ep' not in result and 'assoc_re' not in result
   for level, q in COUNTS.items():
     assert result[level]['scores'].shape == (B, q)
@@ -79,7 +80,7 @@ def test_one_step_without_association_and_top_k_clipped():
 
 def test_one_step_rejects_bad_valid_hw():
   with pytest.raises(ValueError, match='image_valid_hw'):
-    one_step(_outputs(), np.array([16, 16]))
+    one_step(_outputs(), np.array([16, 16]), (16, 16))
 
 
 def _restrict_reference(masks, scores, indices, prompt, min_inside=0.5):
@@ -126,7 +127,7 @@ def test_prompt_inference_runs_the_prompted_model():
   @jax.jit
   def run(variables, image, prompt):
     outputs = model.apply(variables, image, prompt)
-    ref = restrict_to_prompt(one_step(outputs, valid_hw, top_k=5)['part'], prompt)
+    ref = restrict_to_prompt(one_step(outputs, valid_hw, (S, S), top_k=5)['part'], prompt)
     return prompt_inference(model, variables, image, prompt, 'part', top_k=5), ref
 
   res, ref = run(variables, image, prompt)

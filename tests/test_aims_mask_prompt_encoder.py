@@ -87,3 +87,18 @@ def test_mpe_rejects_bad_prompt_shape():
   mpe = MaskPromptEncoder(out_dim=8)
   with pytest.raises(ValueError, match='divisible by 4'):
     mpe.init(jax.random.PRNGKey(0), jnp.ones((1, 30, 32)), [(7, 8)])
+
+
+def test_mpe_upscales_m2_for_stride_2_mask_features():
+  b, h, w, c = 1, 32, 32, 8
+  torch.manual_seed(1)
+  ref = TorchMPE((4, 16), c)
+  prompt = (np.random.default_rng(1).random((b, h, w)) > 0.5).astype(np.float32)
+  with torch.no_grad():
+    m2 = ref(torch.from_numpy(prompt))[0]
+    expected = F.interpolate(m2, scale_factor=2, mode='bilinear', align_corners=False)
+  outs = MaskPromptEncoder(out_dim=c).apply(_flax_params_from_torch(ref), prompt,
+                                            [(16, 16), (8, 8), (4, 4)])
+  assert [o.shape for o in outs] == [(b, 16, 16, c), (b, 8, 8, c), (b, 4, 4, c)]
+  np.testing.assert_allclose(np.asarray(outs[0]), expected.numpy().transpose(0, 2, 3, 1),
+                             atol=ATOL)

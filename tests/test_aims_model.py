@@ -24,7 +24,8 @@ def tiny_model_config(**overrides):
                         'ffn_dim': 64, 'num_heads': 4, 'num_points': 2, 'norm_groups': 8},
       'num_queries': QUERIES, 'hidden_dim': 32, 'num_heads': 4, 'ffn_dim': 64,
       'dec_layers': LAYERS, 'pre_norm': False, 'dropout': 0.0, 'use_mpe': True,
-      'use_tcm': True, 'use_am': True, 'assoc_dim': 16, 'mpe_hidden_dims': (4, 16)}
+      'use_tcm': True, 'use_am': True, 'assoc_dim': 16, 'mpe_hidden_dims': (4, 16),
+      'fine_mask_levels': ()}
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -144,3 +145,31 @@ def test_model_rejects_bad_inputs(full_model):
 def test_num_queries_int_is_shared_by_levels():
   model = build_aims_model(tiny_model_config(num_queries=5))
   assert isinstance(model, AIMSModel) and model.num_queries == (5, 5, 5)
+
+
+def test_fine_mask_levels_decode_on_stride_2_features():
+  model = build_aims_model(tiny_model_config(fine_mask_levels=('part',)))
+  variables = random_variables(model)
+  assert {'stem_lateral_conv', 'stem_lateral_norm', 'fine_mask_features'} <= set(
+      variables['params']['pixel_decoder'])
+  image, full, partial = _inputs()
+  apply = jax.jit(model.apply)
+  out, prompted = apply(variables, image, full), apply(variables, image, partial)
+  for level, q in zip(('part', 'entity', 'relation'), QUERIES):
+    side = S // 2 if level == 'part' else S // 4
+    assert out[level]['masks'].shape == (B, q, side, side)
+    assert all(aux['masks'].shape == (B, q, side, side) for aux in out[level]['aux'])
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+  # MPE's M_2 reaches the stride-2 features: the prompt still changes the part masks.
+  change = np.asarray(out['part']['masks']) - np.asarray(prompted['part']['masks'])
+  assert np.abs(change).max() > 1e-3
+
+
+def test_fine_mask_levels_are_checked():
+  with pytest.raises(ValueError, match="fine_mask_levels \\['parts'\\] are not in"):
+    model = build_aims_model(tiny_model_config(fine_mask_levels=('parts',)))
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), *_inputs()[:2])
+  model = build_aims_model(tiny_model_config(fine_mask_levels=('part',)))
+  with pytest.raises(ValueError, match='stride-2 mask features exactly when non-empty'):
+    jax.eval_shape(model.clone(fine_mask_levels=()).init, jax.random.PRNGKey(0),
+                   *_inputs()[:2])

@@ -1,7 +1,7 @@
 """AIMS inference: one-step (all three levels) and prompt inference (one level within a mask).
 
 Both functions have static output shapes and run under `jax.jit` (with
-`top_k`, `level`, `min_inside` and the model static).
+`canvas_hw`, `top_k`, `level`, `min_inside` and the model static).
 
 One-step inference (full-image prompt): per level, the `top_k` queries with the
 highest objectness probability are kept (all of them when Q <= top_k, the AIMS
@@ -18,7 +18,7 @@ the caller crops them to `image_valid_hw` and resizes them to the original
 image size.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -34,8 +34,8 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
 
   Args:
     logits: [B, Q] objectness logits.
-    masks: [B, Q, h, w] mask logits at stride 4.
-    valid: bool [B, H, W] valid canvas area (H = 4h, W = 4w).
+    masks: [B, Q, h, w] mask logits at the mask-feature stride.
+    valid: bool [B, H, W] valid canvas area (the masks are resized to H x W).
     top_k: number of predictions kept (at most Q).
 
   Returns:
@@ -97,7 +97,7 @@ def _valid_area(image_valid_hw: jnp.ndarray, batch: int, height: int,
   return rows & cols  # [B, H, W]
 
 
-def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray,
+def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray, canvas_hw: Tuple[int, int],
              top_k: int = 100) -> Dict[str, Any]:
   """One-step inference: part, entity and relation masks with scores, plus A_EP and A_RE.
 
@@ -105,7 +105,9 @@ def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray,
     outputs: the AIMSModel output dict (only the final 'logits' / 'masks' and
       the association logits are read).
     image_valid_hw: int [B, 2] valid (height, width) of each image inside the
-      padded canvas of size (4 h, 4 w), h x w being the mask-logit size.
+      padded canvas.
+    canvas_hw: static (H, W) of the canvas (the model's input image); the mask
+      logits are resized to it.
     top_k: predictions kept per level (static; clipped to the query count).
 
   Returns:
@@ -114,8 +116,8 @@ def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray,
     when the model has AM 'assoc_ep': [B, K_e, K_p] and 'assoc_re':
     [B, K_r, K_e] association probabilities between the returned predictions}.
   """
-  b, _, h, w = outputs['entity']['masks'].shape
-  valid = _valid_area(image_valid_hw, b, 4 * h, 4 * w)  # [B, H, W]
+  b = outputs['entity']['masks'].shape[0]
+  valid = _valid_area(image_valid_hw, b, *canvas_hw)  # [B, H, W]
   result: Dict[str, Any] = {
       level: _level_predictions(outputs[level]['logits'], outputs[level]['masks'], valid,
                                 top_k)

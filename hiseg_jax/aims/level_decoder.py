@@ -152,7 +152,7 @@ class Prediction(NamedTuple):
 
   Attributes:
     logits: [B, Q] objectness (part-/entity-/relation-ness) logits.
-    masks: [B, Q, H/4, W/4] mask logits.
+    masks: [B, Q, H/s, W/s] mask logits (s: the mask-feature stride, 4 or 2).
     embedding: [B, Q, D] the LayerNorm'd query embeddings the heads read.
   """
   logits: jnp.ndarray
@@ -287,7 +287,7 @@ class LevelDecoder(nn.Module):
 
     Args:
       tgt: [B, Q, D] query embeddings.
-      mask_features: [B, H/4, W/4, mask_dim] the (prompt-fused) F_2.
+      mask_features: [B, H/s, W/s, mask_dim] the (prompt-fused) F_2.
 
     Returns:
       The Prediction.
@@ -295,7 +295,7 @@ class LevelDecoder(nn.Module):
     emb = self.decoder_norm(tgt)  # [B, Q, D]
     logits = self.class_embed(emb)[..., 0]  # [B, Q]
     mask_emb = self.mask_embed(emb)  # [B, Q, mask_dim]
-    masks = jnp.einsum('bqc,bhwc->bqhw', mask_emb, mask_features)  # [B, Q, H/4, W/4]
+    masks = jnp.einsum('bqc,bhwc->bqhw', mask_emb, mask_features)  # [B, Q, H/s, W/s]
     return Prediction(logits, masks, emb)
 
   def attend(self, block: int, tgt: jnp.ndarray, query_pos: jnp.ndarray,

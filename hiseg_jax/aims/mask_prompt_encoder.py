@@ -3,7 +3,9 @@
 The encoder turns a binary prompt mask M_P [B, H, W] into M_2 at stride 4 with
 three blocks, CONV2+LN+GELU, CONV2+LN+GELU, CONV1 (Sec. 3.4), then derives
 M_3, M_4, M_5 by bilinear downscaling of M_2 by 2, 4 and 8; the model adds M_s
-to the image features F_s (Eq. 11). The paper does not give the two hidden
+to the image features F_s (Eq. 11). When the mask features are at stride 2
+(the pixel decoder's `mask_stride` option), the map added to them is M_2
+upscaled bilinearly by 2. The paper does not give the two hidden
 widths; we use 4 and 16 (the widths of SAM's identically built mask
 downscaler). LayerNorm normalises over channels at each pixel (eps 1e-6), GELU
 is the exact erf form, and the downscale is bilinear with half-pixel centres
@@ -56,9 +58,10 @@ class MaskPromptEncoder(nn.Module):
     Args:
       prompt_mask: [B, H, W] binary (bool or float) prompt; H and W divisible
         by 4.
-      feature_sizes: (h, w) of the maps to produce, the first being the
-        stride-4 size (H/4, W/4); every later one is obtained by bilinear
-        resizing of M_2 (for AIMS: H/8, H/16, H/32).
+      feature_sizes: (h, w) of the maps to produce; M_2 is computed at
+        (H/4, W/4) and returned as is where a size equals that, resized
+        bilinearly otherwise (for AIMS: the mask-feature size H/4 or H/2,
+        then H/8, H/16, H/32).
 
     Returns:
       Tuple of [B, h, w, out_dim] maps, one per entry of `feature_sizes`.
@@ -67,10 +70,8 @@ class MaskPromptEncoder(nn.Module):
       raise ValueError(f'MaskPromptEncoder: prompt_mask shape {prompt_mask.shape} '
                        'is not [B, H, W]')
     _, h, w = prompt_mask.shape
-    if h % 4 or w % 4 or tuple(feature_sizes[0]) != (h // 4, w // 4):
-      raise ValueError(f'MaskPromptEncoder: prompt {h}x{w} must have sides divisible '
-                       f'by 4 and feature_sizes[0]={tuple(feature_sizes[0])} must '
-                       f'be ({h // 4}, {w // 4})')
+    if h % 4 or w % 4:
+      raise ValueError(f'MaskPromptEncoder: prompt {h}x{w} must have sides divisible by 4')
     x = prompt_mask.astype(jnp.float32)[..., None]  # [B, H, W, 1]
     for i, width in enumerate(self.hidden_dims):
       x = nn.Conv(width, (2, 2), strides=(2, 2), padding='VALID',
@@ -78,7 +79,8 @@ class MaskPromptEncoder(nn.Module):
       x = nn.LayerNorm(epsilon=1e-6, name=f'norm_{i}')(x)  # [B, H/2^(i+1), W/2^(i+1), width]
       x = nn.gelu(x, approximate=False)  # [B, H/2^(i+1), W/2^(i+1), width]
     m2 = nn.Conv(self.out_dim, (1, 1), name='conv_2')(x)  # [B, H/4, W/4, C_m]
-    outputs = [m2]
-    for fh, fw in feature_sizes[1:]:
-      outputs.append(resize_bilinear(m2, fh, fw))  # [B, fh, fw, C_m]
+    outputs = []
+    for fh, fw in feature_sizes:
+      same = (fh, fw) == (h // 4, w // 4)
+      outputs.append(m2 if same else resize_bilinear(m2, fh, fw))  # [B, fh, fw, C_m]
     return tuple(outputs)

@@ -2,12 +2,16 @@
 
 Data flow (AIMS Sec. 3, Fig. 3):
   image -> backbone -> pixel decoder -> F_2 (mask features, stride 4) and
-  F_3, F_4, F_5 (strides 8, 16, 32) (Eq. 1);
-  [MPE] prompt -> M_2..M_5, F'_s = F_s + M_s for s = 2..5 (Eq. 10-11);
+  F_3, F_4, F_5 (strides 8, 16, 32) (Eq. 1), plus stride-2 mask features F_1
+  for the levels of `fine_mask_levels` (our option for small canvases, see
+  `MSDeformAttnPixelDecoder`; empty in the paper's model);
+  [MPE] prompt -> M_2..M_5, F'_s = F_s + M_s for s = 2..5 (Eq. 10-11), and
+  F'_1 = F_1 + M_2 upscaled by 2;
   three level decoders (part, entity, relation) run block by block in lock
   step: masked cross-attention -> self-attention -> [TCM E-P and R-E] -> FFN
-  (Eq. 2, 5-7), with a prediction (objectness logit, mask logits on F'_2,
-  Eq. 3) from the learnable queries and after every block;
+  (Eq. 2, 5-7), with a prediction (objectness logit, mask logits on F'_2, or
+  on F'_1 for the fine levels, Eq. 3) from the learnable queries and after
+  every block;
   [AM] association logits from the final LayerNorm'd query embeddings (the
   embeddings the heads read) (Eq. 8). AM is applied to the final embeddings
   only; the auxiliary predictions carry no association maps.
@@ -45,7 +49,8 @@ class AIMSModel(nn.Module):
       'res2'..'res5' NHWC features.
     pixel_decoder: module mapping (features, deterministic=bool) to
       (mask_features [B, H/4, W/4, mask_dim], [F_5, F_4, F_3] low resolution
-      first, each [B, h, w, conv_dim]).
+      first, each [B, h, w, conv_dim], stride-2 mask features
+      [B, H/2, W/2, mask_dim] or None).
     num_queries: queries per level, (part, entity, relation).
     hidden_dim: query width D.
     num_heads: attention heads.
@@ -58,6 +63,9 @@ class AIMSModel(nn.Module):
     use_am: build the association module.
     assoc_dim: projection width of the association module.
     mpe_hidden_dims: widths of the MPE's two stride-2 blocks.
+    fine_mask_levels: levels whose masks are predicted on the stride-2 mask
+      features (the pixel decoder must output them exactly when this is
+      non-empty).
   """
   backbone: nn.Module
   pixel_decoder: nn.Module
@@ -73,6 +81,7 @@ class AIMSModel(nn.Module):
   use_am: bool = True
   assoc_dim: int = 256
   mpe_hidden_dims: Tuple[int, int] = (4, 16)
+  fine_mask_levels: Tuple[str, ...] = ()
 
   @nn.compact
   def __call__(self, image: jnp.ndarray, prompt_mask: Optional[jnp.ndarray] = None,
@@ -87,7 +96,8 @@ class AIMSModel(nn.Module):
 
     Returns:
       {'part' | 'entity' | 'relation': {'logits': [B, Q_T] objectness logits,
-      'masks': [B, Q_T, H/4, W/4] mask logits, 'aux': list of dec_layers dicts
+      'masks': [B, Q_T, H/s, W/s] mask logits (s = 2 for the fine levels, else
+      4), 'aux': list of dec_layers dicts
       with the same two keys for the earlier predictions (the learnable
       queries first)}, and with use_am 'assoc_ep': [B, Qe, Qp] and
       'assoc_re': [B, Qr, Qe] association logits}.
@@ -106,12 +116,21 @@ class AIMSModel(nn.Module):
     deterministic = not train
 
     features = self.backbone(image, train=train)  # {'res2'..'res5': [B, h_s, w_s, C_s]}
-    mask_features, multi_scale = self.pixel_decoder(
-        features, deterministic=deterministic)  # [B, H/4, W/4, M], 3 x [B, h, w, C]
+    unknown = set(self.fine_mask_levels) - set(LEVELS)
+    if unknown:
+      raise ValueError(f'AIMSModel: fine_mask_levels {sorted(unknown)} are not in {LEVELS}')
+    # [B, H/4, W/4, M], 3 x [B, h, w, C], [B, H/2, W/2, M] or None
+    mask_features, multi_scale, fine = self.pixel_decoder(features, deterministic=deterministic)
     multi_scale = list(multi_scale)
     if mask_features.shape[1:3] != (h // 4, w // 4):
       raise ValueError(f'AIMSModel: mask features {mask_features.shape} are not at '
                        f'stride 4 of the {h}x{w} image')
+    if (fine is not None) != bool(self.fine_mask_levels):
+      raise ValueError(f'AIMSModel: fine_mask_levels {tuple(self.fine_mask_levels)} needs the '
+                       'pixel decoder to output stride-2 mask features exactly when non-empty')
+    if fine is not None and fine.shape[1:] != (h // 2, w // 2, mask_features.shape[-1]):
+      raise ValueError(f'AIMSModel: stride-2 mask features {fine.shape} are not '
+                       f'[B, {h // 2}, {w // 2}, {mask_features.shape[-1]}]')
 
     if self.use_mpe:
       if prompt_mask is None:
@@ -121,10 +140,16 @@ class AIMSModel(nn.Module):
         raise ValueError('AIMSModel: MPE adds one map to every feature scale, so F_2..F_5 '
                          f'must share their width; got {sorted(widths)}')
       sizes = [mask_features.shape[1:3]] + [x.shape[1:3] for x in multi_scale]
+      if fine is not None:
+        sizes.append(fine.shape[1:3])
       prompts = MaskPromptEncoder(widths.pop(), tuple(self.mpe_hidden_dims), name='mpe')(
           prompt_mask, sizes)  # M_2 [B, H/4, W/4, C], then one map per scale
       mask_features = mask_features + prompts[0]  # [B, H/4, W/4, C]
-      multi_scale = [x + m for x, m in zip(multi_scale, prompts[1:])]  # 3 x [B, h, w, C]
+      multi_scale = [x + m for x, m in zip(multi_scale, prompts[1:4])]  # 3 x [B, h, w, C]
+      if fine is not None:
+        fine = fine + prompts[4]  # [B, H/2, W/2, C]
+    level_features = {level: fine if level in self.fine_mask_levels else mask_features
+                      for level in LEVELS}  # each [B, H/s, W/s, M]
 
     decoders, memory, tgt, query_pos, preds = {}, {}, {}, {}, {}
     for level, nq in zip(LEVELS, self.num_queries):
@@ -135,8 +160,8 @@ class AIMSModel(nn.Module):
           pre_norm=self.pre_norm, dropout=self.dropout, name=f'{level}_decoder')
       memory[level] = decoders[level].memory(multi_scale)  # per scale [B, hw, D]
       tgt[level], query_pos[level] = decoders[level].initial_queries(b)  # [B, Q, D] x 2
-      # logits [B, Q], masks [B, Q, H/4, W/4], embedding [B, Q, D]
-      preds[level] = [decoders[level].predict(tgt[level], mask_features)]
+      # logits [B, Q], masks [B, Q, H/s, W/s], embedding [B, Q, D]
+      preds[level] = [decoders[level].predict(tgt[level], level_features[level])]
 
     for i in range(self.dec_layers):
       attended = {
@@ -149,14 +174,15 @@ class AIMSModel(nn.Module):
             name=f'tcm_{i}')(attended, query_pos, deterministic)  # each [B, Q, D]
       for level in LEVELS:
         tgt[level] = decoders[level].feed_forward(i, attended[level], deterministic)  # [B, Q, D]
-        preds[level].append(decoders[level].predict(tgt[level], mask_features))  # as above
+        preds[level].append(
+            decoders[level].predict(tgt[level], level_features[level]))  # as above
 
     outputs: Dict[str, Any] = {}
     for level in LEVELS:
       final = preds[level][-1]
       outputs[level] = {
           'logits': final.logits,  # [B, Q]
-          'masks': final.masks,  # [B, Q, H/4, W/4]
+          'masks': final.masks,  # [B, Q, H/s, W/s]
           'aux': [{'logits': p.logits, 'masks': p.masks} for p in preds[level][:-1]],
       }
     if self.use_am:
@@ -167,7 +193,8 @@ class AIMSModel(nn.Module):
 
 # config.model keys read by `build_aims_model` (besides `name`, `backbone`, `pixel_decoder`).
 _MODEL_KEYS = ('num_queries', 'hidden_dim', 'num_heads', 'ffn_dim', 'dec_layers', 'pre_norm',
-               'dropout', 'use_mpe', 'use_tcm', 'use_am', 'assoc_dim', 'mpe_hidden_dims')
+               'dropout', 'use_mpe', 'use_tcm', 'use_am', 'assoc_dim', 'mpe_hidden_dims',
+               'fine_mask_levels')
 
 
 def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
@@ -181,7 +208,8 @@ def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
       optionally dropout), and the AIMSModel fields num_queries (one int for
       every level or (part, entity, relation)), hidden_dim, num_heads,
       ffn_dim, dec_layers, pre_norm, dropout, use_mpe, use_tcm, use_am,
-      assoc_dim, mpe_hidden_dims.
+      assoc_dim, mpe_hidden_dims, fine_mask_levels (the pixel decoder outputs
+      stride-2 mask features exactly when these are non-empty).
 
   Returns:
     The AIMSModel.
@@ -198,11 +226,16 @@ def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
   if isinstance(num_queries, int):
     num_queries = (num_queries,) * len(LEVELS)
   subs = {}
-  for key, cls in (('backbone', ResNet), ('pixel_decoder', MSDeformAttnPixelDecoder)):
+  fine_mask_levels = tuple(model_config.fine_mask_levels)
+  for key, cls, extra in (
+      ('backbone', ResNet, {}),
+      ('pixel_decoder', MSDeformAttnPixelDecoder,
+       {'fine_mask_features': bool(fine_mask_levels)})):
     try:
-      subs[key] = cls(**model_config[key].to_dict())
+      subs[key] = cls(**model_config[key].to_dict(), **extra)
     except TypeError as e:
       raise ValueError(f'config.model.{key}: {e}') from e
   fields = {k: model_config[k] for k in _MODEL_KEYS if k != 'num_queries'}
   fields['mpe_hidden_dims'] = tuple(fields['mpe_hidden_dims'])
+  fields['fine_mask_levels'] = fine_mask_levels
   return AIMSModel(num_queries=tuple(num_queries), **subs, **fields)

@@ -280,7 +280,7 @@ def aims_set_criterion(
 
   Args:
     outputs: model outputs; for each level in `LEVELS` a dict with `logits`
-      `[B, Q]`, `masks` `[B, Q, h, w]` (stride 4) and `aux`, a list of such
+      `[B, Q]`, `masks` `[B, Q, h, w]` (the mask-feature stride, 4 or 2) and `aux`, a list of such
       dicts for the earlier decoder predictions (may be empty); optionally
       `assoc_ep` `[B, Q_e, Q_p]` and `assoc_re` `[B, Q_r, Q_e]` similarity logits.
     batch: data-contract batch: `L/masks` `[B, N_L, H/k, W/k]` (any target
