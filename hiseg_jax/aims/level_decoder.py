@@ -287,7 +287,8 @@ class LevelDecoder(nn.Module):
 
     Args:
       tgt: [B, Q, D] query embeddings.
-      mask_features: [B, H/s, W/s, mask_dim] the (prompt-fused) F_2.
+      mask_features: [B, H/s, W/s, mask_dim] the (prompt-fused) F_2, or the
+        stride-2 F_1 for the model's fine levels.
 
     Returns:
       The Prediction.

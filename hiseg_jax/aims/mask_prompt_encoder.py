@@ -3,14 +3,13 @@
 The encoder turns a binary prompt mask M_P [B, H, W] into M_2 at stride 4 with
 three blocks, CONV2+LN+GELU, CONV2+LN+GELU, CONV1 (Sec. 3.4), then derives
 M_3, M_4, M_5 by bilinear downscaling of M_2 by 2, 4 and 8; the model adds M_s
-to the image features F_s (Eq. 11). When the mask features are at stride 2
-(the pixel decoder's `mask_stride` option), the map added to them is M_2
-upscaled bilinearly by 2. The paper does not give the two hidden
-widths; we use 4 and 16 (the widths of SAM's identically built mask
-downscaler). LayerNorm normalises over channels at each pixel (eps 1e-6), GELU
-is the exact erf form, and the downscale is bilinear with half-pixel centres
-and no antialiasing (torch `F.interpolate(mode='bilinear',
-align_corners=False)`).
+to the image features F_s (Eq. 11). To the stride-2 mask features of the
+model's `fine_mask_levels` option the model adds M_2 upscaled bilinearly by
+2. The paper does not give the two hidden widths; we use 4 and 16 (the widths
+of SAM's identically built mask downscaler). LayerNorm normalises over
+channels at each pixel (eps 1e-6), GELU is the exact erf form, and the
+downscale is bilinear with half-pixel centres and no antialiasing (torch
+`F.interpolate(mode='bilinear', align_corners=False)`).
 """
 
 from typing import Sequence, Tuple

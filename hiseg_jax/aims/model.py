@@ -115,7 +115,7 @@ class AIMSModel(nn.Module):
                        f'{len(LEVELS)} counts (part, entity, relation)')
     deterministic = not train
 
-    features = self.backbone(image, train=train)  # {'res2'..'res5': [B, h_s, w_s, C_s]}
+    features = self.backbone(image, train=train)  # {'stem', 'res2'..'res5': [B, h_s, w_s, C_s]}
     unknown = set(self.fine_mask_levels) - set(LEVELS)
     if unknown:
       raise ValueError(f'AIMSModel: fine_mask_levels {sorted(unknown)} are not in {LEVELS}')
