@@ -6,7 +6,8 @@ Federated evaluation as in the paper: two subsets, each annotated at two levels,
   relation–entity (`config.eval.relation_entity`, a COCO-PSG style dataset): AP_relation,
     AP_entity_re (entity AP on that subset) and AR_re.
 Every image is run once with the full-image prompt (one-step inference,
-`hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level); the kept masks are cut
+`hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level, scores decayed by Matrix
+NMS when `config.eval.mask_nms` is "matrix", as given when "none"); the kept masks are cut
 to the image's window of the canvas and resized (nearest) to the original image size.
 
 Files, under the output folder (`W/eval/<step>/` in training, `--out` of `eval.evaluate`): for
@@ -37,6 +38,9 @@ from eval import association
 from eval import coco_eval
 from eval import writers
 from hiseg_jax.train import sharding
+
+# config.eval.mask_nms: "none" (the paper's scoring) or "matrix" (Matrix NMS score decay).
+MASK_NMS = ('none', 'matrix')
 
 # Subset name -> (config.eval key, the two levels (higher, lower), association output key).
 SUBSETS = {
@@ -122,11 +126,16 @@ def _predict_fn(module, config: ml_collections.ConfigDict):
   from hiseg_jax.aims import inference  # pylint: disable=g-import-not-at-top
   from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
 
+  if config.eval.mask_nms not in MASK_NMS:
+    raise ValueError(f'config.eval.mask_nms must be one of {MASK_NMS}, got '
+                     f'{config.eval.mask_nms!r}')
+
   @jax.jit
   def predict(variables, batch, window):
     outputs = spec.apply_model(module, variables, batch, train=False)
     return inference.one_step(outputs, window, batch['image'].shape[1:3],
-                              top_k=config.eval.top_k)
+                              top_k=config.eval.top_k,
+                              mask_nms=config.eval.mask_nms == 'matrix')
   return predict
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_references import torch_matrix_nms
 
 from hiseg_jax.aims.inference import one_step
 from hiseg_jax.aims.inference import prompt_inference
@@ -69,6 +70,23 @@ def test_one_step_matches_reference_scoring():
       rows = np.asarray(result[hi]['indices'][b])
       cols = np.asarray(result[lo]['indices'][b])
       np.testing.assert_allclose(a[b], sig(outputs[key][b][rows][:, cols]), atol=1e-6)
+
+
+def test_one_step_matrix_nms_rescores_and_resorts():
+  outputs = _outputs(seed=3)
+  valid_hw = np.array([[16, 16], [12, 8]], np.int32)
+  result = jax.jit(one_step, static_argnames=('canvas_hw', 'top_k', 'mask_nms'))(
+      outputs, valid_hw, (16, 16), top_k=4, mask_nms=True)
+  for level in COUNTS:
+    ref = _reference(outputs[level]['logits'], outputs[level]['masks'], valid_hw, 4)
+    for b, (idx, score, binary) in enumerate(ref):
+      decayed = torch_matrix_nms(torch.from_numpy(binary), torch.from_numpy(score)).numpy()
+      order = np.argsort(-decayed, kind='stable')
+      np.testing.assert_array_equal(np.asarray(result[level]['indices'][b]), idx[order])
+      # float32 vs float64 scores: 1e-5.
+      np.testing.assert_allclose(np.asarray(result[level]['scores'][b]), decayed[order],
+                                 atol=1e-5)
+      np.testing.assert_array_equal(np.asarray(result[level]['masks'][b]), binary[order])
 
 
 def test_one_step_without_association_and_top_k_clipped():

@@ -59,6 +59,10 @@ def test_evaluate_checkpoint(tmp_path):
   assert 'no checkpoint' in missing.stderr and 'complete checkpoints: [1, 2]' in missing.stderr
   assert not (tmp_path / 'missing').exists()
 
+  bad_nms = _evaluate(workdir, tmp_path / 'bad_nms', '--config.eval.mask_nms=soft')
+  assert bad_nms.returncode == 1
+  assert "config.eval.mask_nms must be one of ('none', 'matrix'), got 'soft'" in bad_nms.stderr
+
   empty = _evaluate(tmp_path / 'empty', tmp_path / 'missing')
   assert empty.returncode == 1
   assert 'no checkpoints in' in empty.stderr

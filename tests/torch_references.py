@@ -1,7 +1,7 @@
 """PyTorch transcriptions of reference modules, written for the tests (never used by the library).
 
 Sources transcribed (facts, not code): Deformable DETR's `ms_deform_attn_core_pytorch` and
-`MSDeformAttn`, Mask2Former's `PositionEmbeddingSine`.
+`MSDeformAttn`, Mask2Former's `PositionEmbeddingSine`, SOLOv2's `matrix_nms` (AdelaiDet).
 """
 
 import math
@@ -113,3 +113,18 @@ def torch_sine_position_encoding(mask, num_pos_feats, temperature, normalize, sc
   pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
   pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
   return torch.cat((pos_y, pos_x), dim=3).numpy()
+
+
+def torch_matrix_nms(seg_masks, cate_scores, sigma=2.0):
+  """SOLOv2 (AdelaiDet `matrix_nms`), class-agnostic, Gaussian kernel; masks sorted by score."""
+  n = len(cate_scores)
+  seg_masks = seg_masks.reshape(n, -1).float()
+  inter = torch.mm(seg_masks, seg_masks.transpose(1, 0))
+  sum_masks = seg_masks.sum(1).expand(n, n)
+  iou = (inter / (sum_masks + sum_masks.transpose(1, 0) - inter)).triu(diagonal=1)
+  compensate_iou, _ = iou.max(0)
+  compensate_iou = compensate_iou.expand(n, n).transpose(1, 0)
+  decay_matrix = torch.exp(-1 * sigma * (iou ** 2))
+  compensate_matrix = torch.exp(-1 * sigma * (compensate_iou ** 2))
+  decay_coefficient, _ = (decay_matrix / compensate_matrix).min(0)
+  return cate_scores * decay_coefficient

@@ -1,7 +1,7 @@
 """AIMS inference: one-step (all three levels) and prompt inference (one level within a mask).
 
 Both functions have static output shapes and run under `jax.jit` (with
-`canvas_hw`, `top_k`, `level`, `min_inside` and the model static).
+`canvas_hw`, `top_k`, `level`, `min_inside`, `mask_nms` and the model static).
 
 One-step inference (full-image prompt): per level, the `top_k` queries with the
 highest objectness probability are kept (all of them when Q <= top_k, the AIMS
@@ -9,7 +9,9 @@ default of 100 queries and top 100), their mask logits are bilinearly upsampled
 to the padded input canvas and binarised at probability 0.5 inside the valid
 (unpadded) area, and each is scored as objectness probability x mean mask
 probability inside its binarised mask; the kept predictions are returned sorted
-by that score. The association maps A_EP and A_RE are the sigmoid of the
+by that score. With `mask_nms` (our addition, off in the paper's setting) the
+sorted scores are then decayed by Matrix NMS (`hiseg_jax.postprocess.matrix_nms`)
+and the predictions re-sorted by the decayed scores. The association maps A_EP and A_RE are the sigmoid of the
 association logits at the kept entity/part and relation/entity queries, in the
 same order as the returned masks.
 
@@ -26,10 +28,11 @@ import jax.numpy as jnp
 
 from hiseg_jax.aims.level_decoder import resize_mask_logits
 from hiseg_jax.aims.model import LEVELS
+from hiseg_jax.postprocess.matrix_nms import matrix_nms_decay
 
 
 def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarray,
-                       top_k: int) -> Dict[str, jnp.ndarray]:
+                       top_k: int, mask_nms: bool) -> Dict[str, jnp.ndarray]:
   """Top-k binary masks and scores of one level.
 
   Args:
@@ -37,6 +40,7 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
     masks: [B, Q, h, w] mask logits at the mask-feature stride.
     valid: bool [B, H, W] valid canvas area (the masks are resized to H x W).
     top_k: number of predictions kept (at most Q).
+    mask_nms: decay the scores by Matrix NMS (`hiseg_jax.postprocess.matrix_nms`) and re-sort.
 
   Returns:
     {'masks': bool [B, K, H, W], 'scores': [B, K] descending, 'indices':
@@ -53,11 +57,13 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
   mask_score = jnp.sum(mask_prob * binary, axis=(2, 3)) / (area + 1e-6)  # [B, K]
   scores = prob * mask_score  # [B, K]
   scores, order = jax.lax.top_k(scores, k)  # [B, K], [B, K]
-  return {
-      'masks': jnp.take_along_axis(binary, order[:, :, None, None], axis=1),  # [B, K, H, W]
-      'scores': scores,  # [B, K]
-      'indices': jnp.take_along_axis(idx, order, axis=1).astype(jnp.int32),  # [B, K]
-  }
+  binary = jnp.take_along_axis(binary, order[:, :, None, None], axis=1)  # [B, K, H, W]
+  idx = jnp.take_along_axis(idx, order, axis=1)  # [B, K]
+  if mask_nms:
+    scores, order = jax.lax.top_k(matrix_nms_decay(binary, scores), k)  # [B, K], [B, K]
+    binary = jnp.take_along_axis(binary, order[:, :, None, None], axis=1)  # [B, K, H, W]
+    idx = jnp.take_along_axis(idx, order, axis=1)  # [B, K]
+  return {'masks': binary, 'scores': scores, 'indices': idx.astype(jnp.int32)}
 
 
 def _gather_assoc(logits: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray) -> jnp.ndarray:
@@ -98,7 +104,7 @@ def _valid_area(image_valid_hw: jnp.ndarray, batch: int, height: int,
 
 
 def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray, canvas_hw: Tuple[int, int],
-             top_k: int = 100) -> Dict[str, Any]:
+             top_k: int = 100, mask_nms: bool = False) -> Dict[str, Any]:
   """One-step inference: part, entity and relation masks with scores, plus A_EP and A_RE.
 
   Args:
@@ -109,6 +115,7 @@ def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray, canvas_hw: Tu
     canvas_hw: static (H, W) of the canvas (the model's input image); the mask
       logits are resized to it.
     top_k: predictions kept per level (static; clipped to the query count).
+    mask_nms: decay each level's scores by Matrix NMS and re-sort (static).
 
   Returns:
     {'part' | 'entity' | 'relation': {'masks': bool [B, K_T, H, W], 'scores':
@@ -120,7 +127,7 @@ def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray, canvas_hw: Tu
   valid = _valid_area(image_valid_hw, b, *canvas_hw)  # [B, H, W]
   result: Dict[str, Any] = {
       level: _level_predictions(outputs[level]['logits'], outputs[level]['masks'], valid,
-                                top_k)
+                                top_k, mask_nms)
       for level in LEVELS}
   if 'assoc_ep' in outputs:
     result['assoc_ep'] = _gather_assoc(outputs['assoc_ep'], result['entity']['indices'],
@@ -170,7 +177,7 @@ def restrict_to_prompt(predictions: Dict[str, jnp.ndarray], prompt_mask: jnp.nda
 def prompt_inference(model: nn.Module, variables: Any, image: jnp.ndarray,
                      prompt_mask: jnp.ndarray, level: str,
                      image_valid_hw: Optional[jnp.ndarray] = None, top_k: int = 100,
-                     min_inside: float = 0.5) -> Dict[str, jnp.ndarray]:
+                     min_inside: float = 0.5, mask_nms: bool = False) -> Dict[str, jnp.ndarray]:
   """Prompt inference: splits a given mask at the target level.
 
   The model runs with `prompt_mask` through the MPE (so the decoders see which
@@ -191,6 +198,7 @@ def prompt_inference(model: nn.Module, variables: Any, image: jnp.ndarray,
       canvas.
     top_k: predictions considered (static).
     min_inside: fraction of a mask that must lie inside the prompt.
+    mask_nms: decay the scores by Matrix NMS before the restriction (static).
 
   Returns:
     {'masks': bool [B, K, H, W] within the prompt, 'scores': [B, K] descending
@@ -207,5 +215,5 @@ def prompt_inference(model: nn.Module, variables: Any, image: jnp.ndarray,
   outputs = model.apply(variables, image, prompt_mask, train=False)
   valid = _valid_area(image_valid_hw, b, h, w)  # [B, H, W]
   pred = _level_predictions(outputs[level]['logits'], outputs[level]['masks'], valid,
-                            top_k)
+                            top_k, mask_nms)
   return restrict_to_prompt(pred, prompt_mask, min_inside)
