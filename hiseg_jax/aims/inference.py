@@ -11,9 +11,9 @@ to the padded input canvas and binarised at probability 0.5 inside the valid
 probability inside its binarised mask; the kept predictions are returned sorted
 by that score. With `mask_nms` (our addition, off in the paper's setting) the
 sorted scores are then decayed by Matrix NMS (`hiseg_jax.postprocess.matrix_nms`)
-and the predictions re-sorted by the decayed scores. The association maps A_EP and A_RE are the sigmoid of the
-association logits at the kept entity/part and relation/entity queries, in the
-same order as the returned masks.
+and the predictions re-sorted by the decayed scores. The association maps A_EP
+and A_RE are the sigmoid of the association logits at the kept entity/part and
+relation/entity queries, in the same order as the returned masks.
 
 Masks come back at canvas size with everything outside the valid area False;
 the caller crops them to `image_valid_hw` and resizes them to the original

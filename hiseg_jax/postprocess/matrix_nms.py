@@ -1,4 +1,4 @@
-"""Matrix NMS (SOLOv2, Wang et al. 2020, Sec. 4.3.1): parallel soft suppression of duplicate masks.
+"""Matrix NMS (SOLOv2, Wang et al. 2020): parallel soft suppression of duplicate masks.
 
 With the masks sorted by descending score, mask j is decayed by every higher-scored mask i by
 
