@@ -25,7 +25,8 @@ def test_matrix_nms_matches_solov2():
 
 def test_matrix_nms_keeps_disjoint_masks_and_checks_shapes():
   masks = np.zeros((1, 3, 4, 4), bool)
-  masks[0, 0, :2], masks[0, 1, 2:], masks[0, 2, :, :1] = True, True, False  # third one empty
+  masks[0, 0, :2] = True
+  masks[0, 1, 2:] = True  # the third mask stays empty
   scores = np.array([[0.9, 0.5, 0.2]], np.float32)
   np.testing.assert_allclose(np.asarray(matrix_nms_decay(masks, scores)), scores)
   with pytest.raises(ValueError, match="must be"):
