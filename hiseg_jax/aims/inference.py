@@ -57,13 +57,15 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
   mask_score = jnp.sum(mask_prob * binary, axis=(2, 3)) / (area + 1e-6)  # [B, K]
   scores = prob * mask_score  # [B, K]
   scores, order = jax.lax.top_k(scores, k)  # [B, K], [B, K]
-  binary = jnp.take_along_axis(binary, order[:, :, None, None], axis=1)  # [B, K, H, W]
-  idx = jnp.take_along_axis(idx, order, axis=1)  # [B, K]
   if mask_nms:
-    scores, order = jax.lax.top_k(matrix_nms_decay(binary, scores), k)  # [B, K], [B, K]
-    binary = jnp.take_along_axis(binary, order[:, :, None, None], axis=1)  # [B, K, H, W]
-    idx = jnp.take_along_axis(idx, order, axis=1)  # [B, K]
-  return {'masks': binary, 'scores': scores, 'indices': idx.astype(jnp.int32)}
+    ranked = jnp.take_along_axis(binary, order[:, :, None, None], axis=1)  # [B, K, H, W]
+    scores, resort = jax.lax.top_k(matrix_nms_decay(ranked, scores), k)  # [B, K], [B, K]
+    order = jnp.take_along_axis(order, resort, axis=1)  # [B, K]
+  return {
+      'masks': jnp.take_along_axis(binary, order[:, :, None, None], axis=1),  # [B, K, H, W]
+      'scores': scores,  # [B, K]
+      'indices': jnp.take_along_axis(idx, order, axis=1).astype(jnp.int32),  # [B, K]
+  }
 
 
 def _gather_assoc(logits: jnp.ndarray, rows: jnp.ndarray, cols: jnp.ndarray) -> jnp.ndarray:
