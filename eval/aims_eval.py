@@ -121,14 +121,46 @@ def association_ground_truth(record: records_lib.ImageRecord, levels: Sequence[s
   return stack(high), stack(low), np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.eval` (the trainer runs this at start, through the AIMS spec).
+
+  Args:
+    config: the run config (`config.eval`, `config.datasets`).
+
+  Raises:
+    ValueError: listing unknown or missing keys of `config.eval`, a `mask_nms` outside
+      `MASK_NMS`, a `top_k` that is not a positive int, and subset datasets that are not in
+      `config.datasets`.
+  """
+  if 'eval' not in config:
+    raise ValueError('config.eval: missing (the AIMS evaluation section)')
+  keys = set(config.eval.keys())
+  expected = {'top_k', 'mask_nms'} | {key for key, _, _ in SUBSETS.values()}
+  problems = [f'config.eval.{key}: unknown key (known: {", ".join(sorted(expected))})'
+              for key in sorted(keys - expected)]
+  problems += [f'config.eval.{key}: missing' for key in sorted(expected - keys)]
+  if not problems:
+    if config.eval.mask_nms not in MASK_NMS:
+      problems.append(f'config.eval.mask_nms must be one of {MASK_NMS}, got '
+                      f'{config.eval.mask_nms!r}')
+    top_k = config.eval.top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+      problems.append(f'config.eval.top_k must be an int >= 1, got {top_k!r}')
+    for key, _, _ in SUBSETS.values():
+      name = config.eval[key]
+      if not isinstance(name, str) or (name and name not in config.datasets):
+        problems.append(f"config.eval.{key} must be '' or one of config.datasets "
+                        f'{sorted(config.datasets.keys())}, got {name!r}')
+  if problems:
+    raise ValueError('; '.join(problems))
+
+
 def _predict_fn(module, config: ml_collections.ConfigDict):
   """The jitted one-step inference of a batch."""
   from hiseg_jax.aims import inference  # pylint: disable=g-import-not-at-top
   from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
 
-  if config.eval.mask_nms not in MASK_NMS:
-    raise ValueError(f'config.eval.mask_nms must be one of {MASK_NMS}, got '
-                     f'{config.eval.mask_nms!r}')
+  check_eval_config(config)
 
   @jax.jit
   def predict(variables, batch, window):

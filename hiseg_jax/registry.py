@@ -44,6 +44,10 @@ this contract:
 * `config_sections`: the top-level config keys the model owns (the trainer
   owns the others, see `hiseg_jax.config_validation`); any other top-level key
   is rejected at start.
+* `check_config(config) -> None`: raises ValueError for bad values of sections
+  that are read only late in a run (e.g. `config.eval`, read at the first
+  evaluation); the trainer calls it at start, so a typo fails before training
+  instead of after it. Default: no check.
 
 Built-in models live in modules imported on first lookup (`_BUILTIN_MODULES`);
 importing such a module registers its spec.
@@ -97,6 +101,15 @@ def no_pretrained(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   return {}
 
 
+def no_config_check(config: ml_collections.ConfigDict) -> None:
+  """The default `check_config`: the model checks its sections where it reads them.
+
+  Args:
+    config: the run config (unused).
+  """
+  del config
+
+
 def default_no_weight_decay(path: Path) -> bool:
   """Whether a parameter is an embedding table exempt from weight decay.
 
@@ -124,6 +137,7 @@ class ModelSpec:
     param_group: parameter path -> learning-rate group name.
     no_weight_decay: parameter path -> True to exempt it from weight decay.
     pretrained: config -> {top-level parameter name: weights} replacing the initialisation.
+    check_config: config -> None, raising ValueError for values read late in a run.
   """
   build: Callable[[ml_collections.ConfigDict], nn.Module]
   init_inputs: Callable[[ml_collections.ConfigDict], Mapping[str, Any]]
@@ -134,6 +148,7 @@ class ModelSpec:
   param_group: Callable[[Path], str] = default_param_group
   no_weight_decay: Callable[[Path], bool] = default_no_weight_decay
   pretrained: Callable[[ml_collections.ConfigDict], Mapping[str, Any]] = no_pretrained
+  check_config: Callable[[ml_collections.ConfigDict], None] = no_config_check
 
 
 def register(name: str, spec: ModelSpec) -> None:

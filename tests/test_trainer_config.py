@@ -7,7 +7,10 @@ import sys
 import ml_collections
 import pytest
 
+import aims_micro
+import hipie_micro
 import trainer_toy
+from eval import aims_eval
 from hiseg_jax import config_validation
 from hiseg_jax import registry
 from hiseg_jax.train import trainer
@@ -99,3 +102,40 @@ def test_main_runs_with_overrides(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
   assert sorted(os.listdir(tmp_path / 'eval')) == ['3']
+
+
+def test_bad_aims_eval_config_fails_before_training(tmp_path):
+  # config.eval is first read at the final evaluation; the spec's check_config stops the run
+  # at start instead, before any data, compilation or checkpoint.
+  config = aims_micro.get_config()
+  config.eval.mask_nms = 'soft'
+  config.eval.top_k = 0
+  config.eval.entity_part = 'ppp_vall'
+  with pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  for expected in ["config.eval.mask_nms must be one of ('none', 'matrix'), got 'soft'",
+                   'config.eval.top_k must be an int >= 1, got 0',
+                   "config.eval.entity_part must be '' or one of config.datasets",
+                   "got 'ppp_vall'"]:
+    assert expected in message, (expected, message)
+  assert os.listdir(tmp_path) == []
+
+
+def test_aims_eval_config_keys_are_checked():
+  raw = aims_micro.get_config().to_dict()
+  raw['eval']['topk'] = 5
+  del raw['eval']['relation_entity']
+  with pytest.raises(ValueError) as error:
+    aims_eval.check_eval_config(ml_collections.ConfigDict(raw))
+  assert 'config.eval.topk: unknown key' in str(error.value)
+  assert 'config.eval.relation_entity: missing' in str(error.value)
+  aims_eval.check_eval_config(aims_micro.get_config())
+
+
+def test_bad_hipie_eval_config_fails_before_training(tmp_path):
+  config = hipie_micro.get_config()
+  config.eval.top_k = 0
+  with pytest.raises(ValueError, match="HIPIE eval config 'top_k' must be an int >= 1, got 0"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []

@@ -154,6 +154,19 @@ def evaluate(module, variables, config, workdir, out_dir, mesh) -> Dict[str, flo
   return aims_eval.evaluate(module, variables, config, workdir, out_dir, mesh)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.eval` at the start of a run (see `eval.aims_eval.check_eval_config`).
+
+  Args:
+    config: the run config.
+
+  Raises:
+    ValueError: naming what is wrong in `config.eval`.
+  """
+  from eval import aims_eval  # pylint: disable=g-import-not-at-top
+  aims_eval.check_eval_config(config)
+
+
 registry.register('aims', registry.ModelSpec(
     build=build,
     init_inputs=init_inputs,
@@ -162,4 +175,5 @@ registry.register('aims', registry.ModelSpec(
     evaluate=evaluate,
     config_sections=('model', 'loss', 'input', 'datasets', 'eval', 'synthetic', 'data_root',
                      'image_size'),
+    check_config=check_config,
 ))

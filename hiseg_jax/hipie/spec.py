@@ -307,6 +307,19 @@ def evaluate(module, variables, config, workdir, out_dir, mesh) -> Dict[str, flo
                                    config_validation.pipeline_section(config), config.eval, out_dir, mesh)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.eval` at the start of a run (`eval.hipie_eval.read_eval_config`).
+
+  Args:
+    config: the run config.
+
+  Raises:
+    ValueError: naming what is wrong in `config.eval`.
+  """
+  from eval import hipie_eval  # pylint: disable=g-import-not-at-top
+  hipie_eval.read_eval_config(config.eval)
+
+
 registry.register('hipie', registry.ModelSpec(
     build=build,
     init_inputs=init_inputs,
@@ -316,4 +329,5 @@ registry.register('hipie', registry.ModelSpec(
     pretrained=pretrained,
     config_sections=('model', 'loss', 'input', 'datasets', 'vocabularies', 'text', 'eval',
                      'synthetic', 'data_root', 'image_size'),
+    check_config=check_config,
 ))

@@ -296,9 +296,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns:
     The metrics of the last evaluation run by this call ({} if none ran, e.g.
     when the run was already complete or was preempted before evaluating).
+
+  Raises:
+    ValueError: before anything is built or written, for a bad config: the
+      trainer's keys (`config_validation.validate`) and what the model's
+      `check_config` checks (e.g. its evaluation section).
   """
   spec = registry.get(config_validation.model_name(config))
   config_validation.validate(config, spec.config_sections)
+  spec.check_config(config)
   config = copy.deepcopy(config)
   config.lock()
   workdir = os.path.abspath(workdir)
