@@ -37,6 +37,7 @@ from data_pipelines import records as records_lib
 from eval import association
 from eval import coco_eval
 from eval import writers
+from hiseg_jax import config_validation
 from hiseg_jax.train import sharding
 
 # config.eval.mask_nms: "none" (the paper's scoring) or "matrix" (Matrix NMS score decay).
@@ -134,11 +135,8 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
   """
   if 'eval' not in config:
     raise ValueError('config.eval: missing (the AIMS evaluation section)')
-  keys = set(config.eval.keys())
   expected = {'top_k', 'mask_nms'} | {key for key, _, _ in SUBSETS.values()}
-  problems = [f'config.eval.{key}: unknown key (known: {", ".join(sorted(expected))})'
-              for key in sorted(keys - expected)]
-  problems += [f'config.eval.{key}: missing' for key in sorted(expected - keys)]
+  problems = config_validation.key_problems('config.eval', config.eval.keys(), expected)
   if not problems:
     if config.eval.mask_nms not in MASK_NMS:
       problems.append(f'config.eval.mask_nms must be one of {MASK_NMS}, got '

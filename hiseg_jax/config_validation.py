@@ -131,9 +131,20 @@ def _type_problem(name: str, value: object, kind: str) -> List[str]:
   return []
 
 
-def _key_problems(section: str, keys: Iterable[str], expected: Iterable[str],
-                  allowed_extra: Iterable[str] = ()) -> List[str]:
-  """Lists unknown and missing keys of one section."""
+def key_problems(section: str, keys: Iterable[str], expected: Iterable[str],
+                 allowed_extra: Iterable[str] = ()) -> List[str]:
+  """Lists unknown and missing keys of one section.
+
+  Args:
+    section: the section's dotted name, e.g. 'config.eval'.
+    keys: the keys it has.
+    expected: the keys it must have.
+    allowed_extra: keys it may have.
+
+  Returns:
+    One message per unknown key ('<section>.<key>: unknown key (known: ...)') and per missing
+    key ('<section>.<key>: missing').
+  """
   keys, expected = set(keys), set(expected)
   problems = []
   known = expected | set(allowed_extra)
@@ -158,7 +169,7 @@ def validate(config: ml_collections.ConfigDict,
     ValueError: listing every unknown / missing key, wrong type and
       out-of-range value.
   """
-  problems = _key_problems('config', config.keys(), _TRAINER_KEYS,
+  problems = key_problems('config', config.keys(), _TRAINER_KEYS,
                            set(model_sections) | {'model'})
   for name, kind in _TRAINER_KEYS.items():
     if kind is not None and name in config:
@@ -169,14 +180,14 @@ def validate(config: ml_collections.ConfigDict,
   if isinstance(config.get('eval_every'), int) and config.eval_every < 0:
     problems.append(f'config.eval_every must be >= 0, got {config.eval_every}')
   if 'mesh' in config:
-    problems += _key_problems('config.mesh', config.mesh.keys(),
+    problems += key_problems('config.mesh', config.mesh.keys(),
                               ('data', 'fsdp'))
     for axis in ('data', 'fsdp'):
       if axis in config.mesh:
         problems += _type_problem(f'mesh.{axis}', config.mesh[axis], _INT)
   if 'optim' in config:
     optim = config.optim
-    problems += _key_problems('config.optim', optim.keys(), _OPTIM_KEYS)
+    problems += key_problems('config.optim', optim.keys(), _OPTIM_KEYS)
     for name, kind in _OPTIM_KEYS.items():
       if kind is not None and name in optim:
         problems += _type_problem(f'optim.{name}', optim[name], kind)
