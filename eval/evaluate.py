@@ -1,7 +1,7 @@
 r"""Evaluates a checkpoint: result files and metrics.json in a folder.
 
     python -m eval.evaluate --config configs/aims.py:runlocal --workdir W \
-        [--step N] --out DIR [--config.eval.top_k=50 ...]
+        [--step N] [--weights ema|params] --out DIR [--config.eval.top_k=50 ...]
 
 Restores the train state of `W/checkpoints/<N>` (the latest complete checkpoint
 when --step is not given) into the model the config builds, runs the model's
@@ -15,6 +15,11 @@ parsed); `W` is also where the model finds the data it prepared in training
 (e.g. the synthetic default in `W/data/synthetic`). A workdir without
 checkpoints, or a --step that was not saved, ends the command with exit status
 1 and a message listing the checkpoints there are.
+
+The parameters evaluated are those the trainer evaluates: their moving average
+when the run kept one (`config.optim.ema_decay` > 0), else the raw parameters.
+--weights=params evaluates the raw parameters of such a run (to compare the
+two); --weights=ema asks for the average and fails for a run without one.
 """
 
 import json
@@ -38,6 +43,10 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'The training run directory (with checkpoints/).')
 _STEP = flags.DEFINE_integer(
     'step', None, 'Checkpoint step to evaluate; the latest when not given.')
+_WEIGHTS = flags.DEFINE_enum(
+    'weights', '', ('',) + trainer.WEIGHTS,
+    "Parameters to evaluate: '' those the trainer evaluates, 'ema' the moving "
+    "average, 'params' the raw training parameters.")
 _OUT = flags.DEFINE_string(
     'out', None, 'Output folder for the result files and metrics.json.')
 flags.mark_flags_as_required(['config', 'workdir', 'out'])
@@ -60,7 +69,7 @@ def main(argv: list) -> None:
   out_dir = os.path.abspath(_OUT.value)
   try:
     module, variables, step, mesh = trainer.restore_variables(
-        config, workdir, _STEP.value)
+        config, workdir, _STEP.value, _WEIGHTS.value)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f'eval.evaluate: cannot restore a checkpoint from {workdir}: '
              f'{error}')

@@ -20,7 +20,9 @@ Trainer keys:
     the mesh's 'fsdp' axis.
   mesh: {'data': int, 'fsdp': int}, mesh axis sizes (one may be -1).
   optim: lr, warmup_steps, decay_steps, decay_factor, weight_decay, clip_norm,
-    b1, b2, eps, lr_multipliers (group -> multiplier); see train/optim.py.
+    b1, b2, eps, lr_multipliers (group -> multiplier); see train/optim.py;
+    ema_decay (0 <= d < 1; > 0 keeps an exponential moving average of the
+    parameters, which evaluation then uses; see train/trainer.py).
 """
 
 import numbers
@@ -58,6 +60,7 @@ _OPTIM_KEYS = {
     'b2': _FLOAT,
     'eps': _FLOAT,
     'lr_multipliers': None,
+    'ema_decay': _FLOAT,
 }
 
 _POSITIVE = ('total_steps', 'batch_size', 'log_every', 'checkpoint_every',
@@ -93,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
       'b2': 0.999,
       'eps': 1e-8,
       'lr_multipliers': ml_collections.ConfigDict({'backbone': 0.1}),
+      'ema_decay': 0.0,
   })
   return config
 
@@ -198,6 +202,11 @@ def validate(config: ml_collections.ConfigDict,
                      for s in steps)):
         problems.append('config.optim.decay_steps must be a tuple of ints, got '
                         f'{steps!r}')
+    ema_decay = optim.get('ema_decay')
+    if (isinstance(ema_decay, numbers.Real) and not isinstance(ema_decay, bool)
+        and not 0.0 <= ema_decay < 1.0):
+      problems.append('config.optim.ema_decay must be in [0, 1), got '
+                      f'{ema_decay!r}')
     if 'lr_multipliers' in optim:
       multipliers = optim.lr_multipliers
       if not isinstance(multipliers, ml_collections.ConfigDict):

@@ -15,6 +15,12 @@ killed during an evaluation repeats it on resume. Re-running a finished run
 does nothing. A SIGTERM (preemption) saves a checkpoint at the current step
 and returns normally, so the process exits 0.
 
+With `config.optim.ema_decay` d > 0 the state also keeps an exponential
+moving average of the parameters, updated after every step s (counting from 0)
+as ema <- r * ema + (1 - r) * params with r = min(d, (1 + s) / (10 + s)) (the
+(1 + s) / (10 + s) ramp keeps the random initialisation from dominating early
+averages), and every evaluation uses the average instead of the raw parameters.
+
 `restore_variables(config, workdir, step)` loads a run's trained variables for
 evaluation outside training.
 """
@@ -59,12 +65,20 @@ class TrainState:
       statistics), carried unchanged.
     rng: uint32 key data of the base PRNG key; step s uses
       fold_in(base_key, s).
+    ema_params: the moving average of `params` (see the module docstring);
+      None when `config.optim.ema_decay` is 0.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   model_state: Any
   rng: jax.Array
+  ema_params: Any = None
+
+
+def eval_params(state: TrainState) -> Any:
+  """The parameters evaluation uses: the moving average when kept, else `params`."""
+  return state.params if state.ema_params is None else state.ema_params
 
 
 def _split_inputs(inputs: Mapping[str, Any]
@@ -109,9 +123,12 @@ def create_train_state(module: nn.Module, spec: registry.ModelSpec,
                             **arrays, **static)
     params = with_pretrained(variables['params'], pretrained)
     model_state = {k: v for k, v in variables.items() if k != 'params'}
+    ema_params = (jax.tree.map(jnp.copy, params) if config.optim.ema_decay
+                  else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), model_state=model_state,
-                      rng=jax.random.key_data(train_key))
+                      rng=jax.random.key_data(train_key),
+                      ema_params=ema_params)
 
   # Host values, so that every process passes the same replicated inputs.
   rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))  # [2]
@@ -218,9 +235,11 @@ def make_train_step(module: nn.Module, spec: registry.ModelSpec,
   Returns:
     A function (state, batch) -> (new state, metrics) where metrics holds the
     loss's terms, `loss`, `grad_norm` (before clipping) and `lr` (the base
-    rate this update used).
+    rate this update used). With `config.optim.ema_decay` > 0 it also updates
+    the state's parameter average (see the module docstring).
   """
   loss_and_grads = make_loss_and_grads(module, spec, config)
+  ema_decay = config.optim.ema_decay
 
   def train_step(state: TrainState, batch: Dict[str, jax.Array]):
     loss, metrics, grads = loss_and_grads(state, batch)
@@ -228,8 +247,14 @@ def make_train_step(module: nn.Module, spec: registry.ModelSpec,
     params = optax.apply_updates(state.params, updates)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=schedule(state.step))
+    ema_params = state.ema_params
+    if ema_decay:
+      count = state.step.astype(jnp.float32)
+      rate = jnp.minimum(ema_decay, (1.0 + count) / (10.0 + count))
+      ema_params = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p,
+                                ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state=opt_state)
+                              opt_state=opt_state, ema_params=ema_params)
     return new_state, metrics
 
   return train_step
@@ -267,8 +292,8 @@ def _evaluate(spec: registry.ModelSpec, module: nn.Module, state: TrainState,
               config: ml_collections.ConfigDict, workdir: str, step: int,
               mesh: Mesh, writer: metrics_writer.MetricsWriter
               ) -> Dict[str, float]:
-  """Runs the model's evaluation and records its metrics."""
-  variables = {'params': state.params, **state.model_state}
+  """Runs the model's evaluation (of `eval_params`) and records its metrics."""
+  variables = {'params': eval_params(state), **state.model_state}
   start = time.time()
   out_dir = os.path.join(workdir, 'eval', str(step))
   metrics = dict(spec.evaluate(module, variables, config, workdir, out_dir,
@@ -377,8 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return last_eval
 
 
+WEIGHTS = ('ema', 'params')
+
+
 def restore_variables(config: ml_collections.ConfigDict, workdir: str,
-                      step: Optional[int] = None
+                      step: Optional[int] = None, weights: str = ''
                       ) -> Tuple[nn.Module, Dict[str, Any], int, Mesh]:
   """Loads a run's trained variables for evaluation.
 
@@ -386,6 +414,9 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
     config: the run's config.
     workdir: the run's directory (with `checkpoints/`).
     step: the checkpoint to load; the latest when None.
+    weights: which parameters: '' those the trainer evaluates (`eval_params`:
+      the moving average when `config.optim.ema_decay` > 0), 'ema' the
+      moving average, 'params' the raw training parameters.
 
   Returns:
     (module, variables, step, mesh): the model, `{'params': ...,
@@ -393,11 +424,16 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     FileNotFoundError: if `workdir` has no checkpoints.
-    ValueError: for an invalid config, a missing step or a checkpoint that
-      does not match the model.
+    ValueError: for an invalid config, a missing step, a checkpoint that
+      does not match the model, an unknown `weights`, or 'ema' for a run
+      without a moving average.
   """
   spec = registry.get(config_validation.model_name(config))
   config_validation.validate(config, spec.config_sections)
+  if weights and weights not in WEIGHTS:
+    raise ValueError(f'weights must be one of {WEIGHTS} or empty, got {weights!r}')
+  if weights == 'ema' and not config.optim.ema_decay:
+    raise ValueError("weights='ema' needs a run trained with config.optim.ema_decay > 0")
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {directory}')
@@ -415,4 +451,5 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
   state = checkpointer.restore_state(step, abstract_state)
   checkpointer.close()
-  return module, {'params': state.params, **state.model_state}, step, mesh
+  params = state.params if weights == 'params' else eval_params(state)
+  return module, {'params': params, **state.model_state}, step, mesh
