@@ -251,8 +251,9 @@ def make_train_step(module: nn.Module, spec: registry.ModelSpec,
     if ema_decay:
       count = state.step.astype(jnp.float32)
       rate = jnp.minimum(ema_decay, (1.0 + count) / (10.0 + count))
-      ema_params = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p,
-                                ema_params, params)
+      ema_params = jax.tree.map(
+          lambda e, p: (rate * e + (1.0 - rate) * p).astype(e.dtype),
+          ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state, ema_params=ema_params)
     return new_state, metrics
