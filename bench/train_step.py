@@ -5,12 +5,12 @@
 
 Two settings of configs/aims.py: `runlocal` as configured (128 px, batch 8) and `r50` at 512 px
 (the paper's architecture and loss, `image_size=512`, `batch_size=--r50-batch`; nothing else
-changed). The step is built exactly as training builds it (`trainer.create_train_state`,
-`make_train_step`, `jit_train_step`: random initial weights, AdamW, host Hungarian matching) and
-is fed real mixture batches of the AIMS training pipeline read from a synthetic dataset generated
-into a temporary folder. Like every command line of the project, the benchmark first keeps freed
-host memory for reuse (`hiseg_jax/host_memory.py`); `--glibc-defaults` leaves malloc as it is, to
-measure what that saves.
+changed). The step is built exactly as training builds it (`trainer.build_training`: random
+initial weights, AdamW, host Hungarian matching) and is fed real mixture batches of the AIMS
+training pipeline read from a synthetic dataset generated into a temporary folder. Like every
+command line of the project, the benchmark first keeps freed host memory for reuse
+(`hiseg_jax/host_memory.py`); `--glibc-defaults` leaves malloc as it is, to measure what that
+saves.
 
 Per setting: compile time (lowering + XLA compilation), the median wall time of the timed steps
 after the untimed warm-up steps (each step's inputs are on device before its clock starts; the
@@ -40,8 +40,6 @@ import numpy as np
 from configs import aims
 from data_pipelines import synthetic
 from hiseg_jax import host_memory
-from hiseg_jax import registry
-from hiseg_jax.train import optim
 from hiseg_jax.train import sharding
 from hiseg_jax.train import trainer
 
@@ -113,15 +111,10 @@ def bench_setting(name: str, config: ml_collections.ConfigDict, workdir: str, wa
     {'name', 'image_size', 'batch', 'compile_s', 'step_s', 'images_per_s', 'gflop_per_step',
      'gflops', 'matmul_gflops', 'ratio'}.
   """
-  spec = registry.get(config.model.name)
-  mesh = sharding.make_mesh(config.mesh)
-  module = spec.build(config)
-  tx, schedule = optim.make_optimizer(config.optim, spec.param_group, spec.no_weight_decay)
-  state, abstract_state = trainer.create_train_state(module, spec, config, tx, mesh)
-  train_step = trainer.jit_train_step(
-      trainer.make_train_step(module, spec, config, tx, schedule), abstract_state, mesh)
-  iterator = spec.make_train_iterator(config, workdir)
-  batch_sharding = sharding.batch_sharding(mesh)
+  training = trainer.build_training(config)
+  state, train_step = training.state, training.train_step
+  iterator = training.spec.make_train_iterator(config, workdir)
+  batch_sharding = sharding.batch_sharding(training.mesh)
   batches: List[Dict[str, jax.Array]] = [
       sharding.global_batch(next(iterator), batch_sharding, config.batch_size)
       for _ in range(warmup + steps)]

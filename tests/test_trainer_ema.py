@@ -16,9 +16,7 @@ import pytest
 
 import trainer_toy
 from hiseg_jax import config_validation
-from hiseg_jax import registry
 from hiseg_jax.train import metrics_writer
-from hiseg_jax.train import optim
 from hiseg_jax.train import sharding
 from hiseg_jax.train import trainer
 
@@ -40,14 +38,9 @@ def _flat(tree):
 
 def test_average_follows_the_formula():
   config = _config()
-  spec = registry.get(trainer_toy.NAME)
-  mesh = sharding.make_mesh(config.mesh)
-  module = spec.build(config)
-  tx, schedule = optim.make_optimizer(config.optim, spec.param_group, spec.no_weight_decay)
-  state, abstract = trainer.create_train_state(module, spec, config, tx, mesh)
-  step = trainer.jit_train_step(
-      trainer.make_train_step(module, spec, config, tx, schedule), abstract, mesh)
-  iterator = spec.make_train_iterator(config, '')
+  training = trainer.build_training(config)
+  state, step, mesh = training.state, training.train_step, training.mesh
+  iterator = training.spec.make_train_iterator(config, '')
   expected = _flat(state.params)
   np.testing.assert_array_equal(_flat(state.ema_params)[0], expected[0])
   for s in range(6):
@@ -65,11 +58,9 @@ def test_average_follows_the_formula():
 
 def test_without_decay_no_average_is_kept():
   config = _config(ema_decay=0.0)
-  spec = registry.get(trainer_toy.NAME)
-  mesh = sharding.make_mesh(config.mesh)
-  tx, _ = optim.make_optimizer(config.optim, spec.param_group, spec.no_weight_decay)
-  state, abstract = trainer.create_train_state(spec.build(config), spec, config, tx, mesh)
-  assert state.ema_params is None and abstract.ema_params is None
+  training = trainer.build_training(config)
+  state = training.state
+  assert state.ema_params is None and training.abstract_state.ema_params is None
   assert trainer.eval_params(state) is state.params
 
 

@@ -28,7 +28,7 @@ evaluation outside training.
 import copy
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import flax
 from flax import traverse_util
@@ -281,6 +281,51 @@ def jit_train_step(train_step: Callable, abstract_state: Any, mesh: Mesh
       donate_argnums=(0,))
 
 
+class Training(NamedTuple):
+  """What the trainer builds from a config before the first step (`build_training`).
+
+  Attributes:
+    spec: the model's registry entry.
+    mesh: the device mesh of `config.mesh`.
+    module: the model.
+    state: the initial TrainState, or None when not materialised.
+    abstract_state: the state's `jax.ShapeDtypeStruct` tree with its shardings.
+    train_step: the jitted step `(state, batch) -> (state, metrics)`, state donated.
+  """
+  spec: registry.ModelSpec
+  mesh: Mesh
+  module: nn.Module
+  state: Optional[TrainState]
+  abstract_state: Any
+  train_step: Callable
+
+
+def build_training(config: ml_collections.ConfigDict,
+                   materialize: bool = True) -> Training:
+  """Builds the mesh, model, optimiser, train state and jitted step of a config.
+
+  The one place that assembles a training step: the training loop, restoring
+  for evaluation, the step benchmark and tests all use it.
+
+  Args:
+    config: the run's config (`config.model.name` picks the model).
+    materialize: when False only the abstract state is built (for restoring).
+
+  Returns:
+    The `Training` parts.
+  """
+  spec = registry.get(config_validation.model_name(config))
+  mesh = sharding.make_mesh(config.mesh)
+  module = spec.build(config)
+  tx, schedule = optim.make_optimizer(config.optim, spec.param_group,
+                                      spec.no_weight_decay)
+  state, abstract_state = create_train_state(module, spec, config, tx, mesh,
+                                             materialize=materialize)
+  train_step = jit_train_step(
+      make_train_step(module, spec, config, tx, schedule), abstract_state, mesh)
+  return Training(spec, mesh, module, state, abstract_state, train_step)
+
+
 def _local_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
   """This process's share of the global batch, checking divisibility."""
   if config.batch_size % mesh.size:
@@ -336,29 +381,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
 
-  mesh = sharding.make_mesh(config.mesh)
-  logging.info('process %d of %d; %d devices (%s); mesh %s',
-               jax.process_index(), jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform, dict(mesh.shape))
-  local_batch_size = _local_batch_size(config, mesh)
-  module = spec.build(config)
-  tx, schedule = optim.make_optimizer(config.optim, spec.param_group,
-                                      spec.no_weight_decay)
-  data_iterator = spec.make_train_iterator(config, workdir)
   checkpointer = checkpoint.Checkpointer(
       os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints,
       config.async_checkpoints)
   start_step = checkpointer.latest_step()
-  state, abstract_state = create_train_state(
-      module, spec, config, tx, mesh, materialize=start_step is None)
+  training = build_training(config, materialize=start_step is None)
+  module, state, train_step = training.module, training.state, training.train_step
+  mesh = training.mesh
+  logging.info('process %d of %d; %d devices (%s); mesh %s',
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform, dict(mesh.shape))
+  local_batch_size = _local_batch_size(config, mesh)
+  data_iterator = spec.make_train_iterator(config, workdir)
   if start_step is None:
     start_step = 0
   else:
     logging.info('resuming from %s/%d', checkpointer.directory, start_step)
-    state, data_iterator = checkpointer.restore(start_step, abstract_state,
-                                                data_iterator)
-  train_step = jit_train_step(
-      make_train_step(module, spec, config, tx, schedule), abstract_state, mesh)
+    state, data_iterator = checkpointer.restore(
+        start_step, training.abstract_state, data_iterator)
   batch_sharding = sharding.batch_sharding(mesh)
   is_main = jax.process_index() == 0
   writer = metrics_writer.MetricsWriter(workdir, start_step, enabled=is_main)
@@ -438,19 +478,15 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints in {directory}')
-  mesh = sharding.make_mesh(config.mesh)
-  module = spec.build(config)
-  tx, _ = optim.make_optimizer(config.optim, spec.param_group,
-                               spec.no_weight_decay)
-  _, abstract_state = create_train_state(module, spec, config, tx, mesh,
-                                         materialize=False)
+  training = build_training(config, materialize=False)
   checkpointer = checkpoint.Checkpointer(directory, config.keep_checkpoints,
                                          async_save=False)
   if step is None:
     step = checkpointer.latest_step()
     if step is None:
       raise FileNotFoundError(f'no complete checkpoint in {directory}')
-  state = checkpointer.restore_state(step, abstract_state)
+  state = checkpointer.restore_state(step, training.abstract_state)
   checkpointer.close()
   params = state.params if weights == 'params' else eval_params(state)
-  return module, {'params': params, **state.model_state}, step, mesh
+  return (training.module, {'params': params, **state.model_state}, step,
+          training.mesh)
