@@ -16,12 +16,17 @@ from hiseg_jax.losses.aims_loss import aims_set_criterion
 from hiseg_jax.losses.aims_loss import check_aims_loss_config
 from hiseg_jax.losses.aims_loss import default_aims_loss_config
 from hiseg_jax.losses.association_loss import association_loss
+from hiseg_jax.losses.grid_targets import grid_targets
+from hiseg_jax.losses.hipie_loss import check_thing_loss_config
+from hiseg_jax.losses.hipie_loss import default_thing_loss_config
+from hiseg_jax.losses.mask_losses import dense_mask_losses
 from hiseg_jax.losses.mask_losses import dice_loss
 from hiseg_jax.losses.mask_losses import sampled_mask_losses
 from hiseg_jax.losses.mask_losses import sigmoid_ce_loss
 from hiseg_jax.losses.objectness_loss import objectness_loss
 from hiseg_jax.losses.point_sampling import get_uncertain_point_coords_with_randomness
 from hiseg_jax.losses.point_sampling import sample_uniform_points
+from hiseg_jax.matching.costs import mask_matching_cost
 
 
 # Jitted samplers for the reference (eager op-by-op dispatch is slow on CPU).
@@ -59,6 +64,34 @@ def torch_matcher_cost(logits, masks, gt_masks, coords, weights):
   prob = out.sigmoid()
   cost_dice = 1 - (2 * prob @ tgt.T + 1) / (prob.sum(-1)[:, None] + tgt.sum(-1)[None] + 1)
   return w_mask * cost_mask + w_class * -logits.sigmoid()[:, None] + w_dice * cost_dice
+
+
+def torch_dense_terms(logits, gt, region):
+  """Dense mask terms of every (prediction, target) pair on the pixels of the region grid.
+
+  Prediction logits and targets are repeated onto the region's pixels (nearest upsampling); BCE
+  is the mean over the supervised pixels, dice sums over them in prediction-cell units (pixel sums
+  divided by the pixels per cell, so the +1 smoothing counts cells).
+
+  Args:
+    logits: [N, h, w] predicted logits; gt: [M, Hg, Wg] targets; region: [H, W] 0/1, H and W
+      multiples of Hg, Wg and h, w.
+
+  Returns:
+    (bce [N, M], dice [N, M]).
+  """
+  k, kg = region.shape[-1] // logits.shape[-1], region.shape[-1] // gt.shape[-1]
+  up = logits.repeat_interleave(k, -2).repeat_interleave(k, -1).flatten(1)  # [N, H*W]
+  tgt = gt.repeat_interleave(kg, -2).repeat_interleave(kg, -1).flatten(1)  # [M, H*W]
+  reg = region.flatten()[None]  # [1, H*W]
+  pos = F.binary_cross_entropy_with_logits(up, torch.ones_like(up), reduction="none") * reg
+  neg = F.binary_cross_entropy_with_logits(up, torch.zeros_like(up), reduction="none") * reg
+  bce = (pos @ tgt.T + neg @ (1 - tgt).T) / reg.sum().clamp(min=1e-12)
+  prob = up.sigmoid() * reg
+  cells = k * k
+  dice = 1 - (2 * prob @ tgt.T / cells + 1) / (
+      prob.sum(-1)[:, None] / cells + (tgt * reg).sum(-1)[None] / cells + 1)
+  return bce, dice
 
 
 def test_point_losses_match_mask2former():
@@ -140,6 +173,73 @@ def test_config_validation():
     check_aims_loss_config({**cfg, "matcher": "auction"})
   with pytest.raises(ValueError, match="block_batch must be > 0, got 0"):
     check_aims_loss_config({**cfg, "block_batch": 0})
+  # 0 points: dense losses / costs (AIMS only); negative counts are rejected.
+  assert check_aims_loss_config({**cfg, "num_points": 0, "match_num_points": 0})["num_points"] == 0
+  with pytest.raises(ValueError, match=r"match_num_points must be >= 0 \(0: every prediction"):
+    check_aims_loss_config({**cfg, "match_num_points": -1})
+  with pytest.raises(ValueError, match="num_points must be > 0, got 0"):
+    check_thing_loss_config({**default_thing_loss_config(), "num_points": 0})
+
+
+def region_grid_reference(gt, region, grid):
+  """Per-cell weights and targets by looping over the region pixels (gt repeated onto them)."""
+  b, m = gt.shape[:2]
+  kg, kc = region.shape[-1] // gt.shape[-1], region.shape[-1] // grid
+  gt_up = gt.repeat(kg, -2).repeat(kg, -1)  # [B, M, H, W]
+  weights = np.zeros((b, grid, grid))
+  targets = np.zeros((b, m, grid, grid))
+  for i in range(grid):
+    for j in range(grid):
+      cell = region[:, i * kc:(i + 1) * kc, j * kc:(j + 1) * kc]  # [B, kc, kc]
+      weights[:, i, j] = cell.mean(axis=(1, 2))
+      covered = (gt_up[:, :, i * kc:(i + 1) * kc, j * kc:(j + 1) * kc] * cell[:, None]).sum((2, 3))
+      targets[:, :, i, j] = np.where(cell.sum((1, 2))[:, None] > 0,
+                                     covered / np.maximum(cell.sum((1, 2)), 1)[:, None], 0)
+  return targets.reshape(b, m, -1), weights.reshape(b, -1)
+
+
+def test_grid_targets_and_dense_losses_on_partial_cells():
+  rng = np.random.default_rng(3)
+  gt = (rng.random((2, 3, 8, 8)) > 0.5).astype(np.float32)  # targets at stride 2 of 16 px
+  region = (rng.random((2, 16, 16)) > 0.3).astype(np.float32)  # cells partly supervised
+  region[1, :8] = 0  # and half of sample 1 not at all
+  logits = 3 * rng.normal(size=(2, 3, 4, 4)).astype(np.float32)  # predictions at stride 4
+  targets, weights = grid_targets(jnp.asarray(gt), jnp.asarray(region), (4, 4))
+  ref_targets, ref_weights = region_grid_reference(gt, region, 4)
+  np.testing.assert_allclose(np.asarray(weights), ref_weights, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(targets), ref_targets, atol=1e-6)
+  assert ((ref_weights > 0) & (ref_weights < 1)).any() and (ref_weights == 0).any()
+  ce, dice = jax.jit(dense_mask_losses)(logits, gt, region)  # [2, 3] each
+  for b in range(2):
+    ref_ce, ref_dice = torch_dense_terms(torch.from_numpy(logits[b]), torch.from_numpy(gt[b]),
+                                         torch.from_numpy(region[b]))
+    # float32 sums over 256 pixels against 16 cells: rtol 1e-5.
+    np.testing.assert_allclose(np.asarray(ce[b]), np.diag(ref_ce.numpy()), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dice[b]), np.diag(ref_dice.numpy()), rtol=1e-5)
+  # Logits of cells outside the region change nothing.
+  moved = logits.copy()
+  moved[1, :, :2] += 5.0
+  np.testing.assert_allclose(np.asarray(dense_mask_losses(moved, gt, region)[0]),
+                             np.asarray(ce), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"the target masks \(2, 3, 8, 8\) must be an integer "
+                     r"multiple of the prediction grid \(3, 3\)"):
+    dense_mask_losses(logits[:, :, :3, :3], gt, region)
+  with pytest.raises(ValueError, match="the region"):
+    dense_mask_losses(logits, gt, region[:, :12, :12])
+
+
+def test_dense_matching_cost_equals_the_point_cost_at_every_cell_centre():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 5)).astype(np.float32)
+  masks = 3 * rng.normal(size=(2, 5, 6, 6)).astype(np.float32)
+  gt = (rng.random((2, 4, 6, 6)) > 0.5).astype(np.float32)
+  cost = mask_matching_cost(jax.random.PRNGKey(0), logits, masks, gt, 0, 2.0, 5.0, 5.0)
+  centres = (np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2) + 0.5) / 6
+  for b in range(2):  # the bilinear read at a cell centre is the cell's value
+    ref = torch_matcher_cost(torch.from_numpy(logits[b]), torch.from_numpy(masks[b]),
+                             torch.from_numpy(gt[b]), torch.from_numpy(centres.astype(np.float32)),
+                             (2.0, 5.0, 5.0)).numpy()
+    np.testing.assert_allclose(np.asarray(cost[b]), ref, rtol=1e-5, atol=1e-6)
 
 
 # ---- the full criterion ----------------------------------------------------------------
@@ -184,10 +284,28 @@ def make_case(seed=0):
   return outputs, batch
 
 
-def small_config(matcher="hungarian_host"):
+def small_config(matcher="hungarian_host", dense=False):
   cfg = default_aims_loss_config()
   cfg.update(num_points=24, match_num_points=40, matcher=matcher, assoc_weight=0.5)
+  if dense:
+    cfg.update(num_points=0, match_num_points=0)
   return cfg
+
+
+def reference_point_losses(aligned, gt, keep, scored, region, loss_key, num_masks, cfg):
+  """Mask2Former's point-sampled BCE and dice of the kept (matched, active) slots, in torch."""
+  point_coords = np.zeros(aligned.shape[:2] + (cfg["num_points"], 2), np.float32)
+  point_coords[scored] = np.array(uncertain_points(
+      loss_key, jnp.asarray(aligned[scored]), cfg["num_points"], cfg["oversample_ratio"],
+      cfg["importance_sample_ratio"], jnp.asarray(region[scored])))
+  src = torch.from_numpy(aligned[keep][:, None])
+  tgt = torch.from_numpy(gt[keep][:, None])
+  pc = torch.from_numpy(point_coords[keep])
+  point_logits = torch_point_sample(src, pc)[:, 0]
+  point_labels = torch_point_sample(tgt, pc)[:, 0]
+  loss_mask = float(torch_sigmoid_ce_loss(point_logits, point_labels, num_masks))
+  loss_dice = float(torch_dice_loss(point_logits, point_labels, num_masks))
+  return loss_mask, loss_dice
 
 
 def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
@@ -195,8 +313,10 @@ def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
 
   Random points are re-derived with the library's samplers and the documented key split. With
   `sample_tasks`, the points of every loss and of the auxiliary matchings are drawn for the
-  level's positions only, as the criterion documents.
+  level's positions only, as the criterion documents. With `num_points` = `match_num_points` =
+  0, costs and losses are the dense terms of `torch_dense_terms` instead.
   """
+  dense = cfg["num_points"] == 0
   region = batch["prompt/region"] * (batch["valid"] > 0.5)
   region_any = (region > 0.5).any(axis=(1, 2))
   weights = (cfg["class_weight"], cfg["mask_weight"], cfg["dice_weight"])
@@ -221,14 +341,21 @@ def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
     for i, (blk, block_key) in enumerate(zip(blocks, jax.random.split(level_key, len(blocks)))):
       match_key, loss_key = jax.random.split(block_key)
       matched_rows = np.arange(BATCH) if i == len(blocks) - 1 else scored
-      coords = np.array(uniform_points(match_key, cfg["match_num_points"], (len(matched_rows),),
-                                       jnp.asarray(region[matched_rows])))
+      if not dense:
+        coords = np.array(uniform_points(match_key, cfg["match_num_points"],
+                                         (len(matched_rows),), jnp.asarray(region[matched_rows])))
       pred_idx = np.zeros(valid.shape, np.int64)
       matched = np.zeros(valid.shape, bool)
       for r, b in enumerate(matched_rows):
-        cost = torch_matcher_cost(
-            torch.from_numpy(blk["logits"][b]), torch.from_numpy(blk["masks"][b]),
-            torch.from_numpy(gt[b]), torch.from_numpy(coords[r]), weights).numpy()
+        if dense:
+          bce, dice = torch_dense_terms(torch.from_numpy(blk["masks"][b]), torch.from_numpy(gt[b]),
+                                        torch.from_numpy((region[b] > 0.5).astype(np.float32)))
+          cost = (weights[1] * bce + weights[2] * dice
+                  + weights[0] * -torch.from_numpy(blk["logits"][b]).sigmoid()[:, None]).numpy()
+        else:
+          cost = torch_matcher_cost(
+              torch.from_numpy(blk["logits"][b]), torch.from_numpy(blk["masks"][b]),
+              torch.from_numpy(gt[b]), torch.from_numpy(coords[r]), weights).numpy()
         cols = np.flatnonzero(valid[b])
         rows, sel = linear_sum_assignment(cost[:, cols])
         pred_idx[b, cols[sel]] = rows
@@ -241,18 +368,19 @@ def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
           torch.from_numpy(blk["logits"]), torch.from_numpy(target),
           weight=torch.from_numpy(w.astype(np.float32)), reduction="sum")) / w.sum()
       aligned = np.take_along_axis(blk["masks"], pred_idx[:, :, None, None], axis=1)
-      point_coords = np.zeros(aligned.shape[:2] + (cfg["num_points"], 2), np.float32)
-      point_coords[scored] = np.array(uncertain_points(
-          loss_key, jnp.asarray(aligned[scored]), cfg["num_points"], cfg["oversample_ratio"],
-          cfg["importance_sample_ratio"], jnp.asarray(region[scored])))
       keep = matched & active[:, None]
-      src = torch.from_numpy(aligned[keep][:, None])
-      tgt = torch.from_numpy(gt[keep][:, None])
-      pc = torch.from_numpy(point_coords[keep])
-      point_logits = torch_point_sample(src, pc)[:, 0]
-      point_labels = torch_point_sample(tgt, pc)[:, 0]
-      loss_mask = float(torch_sigmoid_ce_loss(point_logits, point_labels, num_masks))
-      loss_dice = float(torch_dice_loss(point_logits, point_labels, num_masks))
+      if dense:
+        bce, dice = [], []
+        for b, j in zip(*np.nonzero(keep)):
+          pair = torch_dense_terms(torch.from_numpy(aligned[b, j][None]),
+                                   torch.from_numpy(gt[b, j][None]),
+                                   torch.from_numpy((region[b] > 0.5).astype(np.float32)))
+          bce.append(float(pair[0][0, 0]))
+          dice.append(float(pair[1][0, 0]))
+        loss_mask, loss_dice = sum(bce) / num_masks, sum(dice) / num_masks
+      else:
+        loss_mask, loss_dice = reference_point_losses(
+            aligned, gt, keep, scored, region, loss_key, num_masks, cfg)
       weighted = weights[0] * loss_obj + weights[1] * loss_mask + weights[2] * loss_dice
       total += weighted
       if i == len(blocks) - 1:
@@ -279,14 +407,16 @@ def reference_criterion(outputs, batch, rng, cfg, sample_tasks=None):
   return total, terms
 
 
-@pytest.mark.parametrize("block_batch,static_layout", [(1, False), (3, False), (2, True)])
+@pytest.mark.parametrize("block_batch,static_layout,dense",
+                         [(1, False, False), (3, False, False), (2, True, False), (2, True, True)])
 def test_criterion_matches_transcription_and_gradients_flow_only_where_supervised(
-    block_batch, static_layout):
+    block_batch, static_layout, dense):
   # Three predictions per level (two auxiliary): auxiliary blocks one at a time, a group larger
   # than the level's, or both together; every position scored, or only the level's positions
-  # of a static layout.
+  # of a static layout; point-sampled or dense (every cell of the 8x8 prediction grid against
+  # the 32x32 targets) costs and losses.
   outputs, batch = make_case()
-  cfg = small_config()
+  cfg = small_config(dense=dense)
   cfg["block_batch"] = block_batch
   sample_tasks = tuple(int(t) for t in batch["task"]) if static_layout else None
   rng = jax.random.PRNGKey(5)

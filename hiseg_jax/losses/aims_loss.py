@@ -7,12 +7,14 @@ Mask2Former cost (`hiseg_jax.matching.costs.mask_matching_cost`), then
 
 * objectness BCE (`objectness_loss`): matched queries target 1, the others 0
   with weight `no_object_weight`;
-* mask BCE and dice on importance-sampled points (`sampled_mask_losses`),
-  summed over the matched ground truths and divided by `num_masks_L`, the number
-  of valid ground truths of level L in supervised samples over the whole (global)
-  batch, clamped >= 1 (Mask2Former's normaliser; it equals the number of matched
-  ground truths whenever Q >= N_L). Under jit with sharded arrays the sum is over
-  the global batch, so no collective is needed.
+* mask BCE and dice on importance-sampled points (`sampled_mask_losses`), or
+  with `num_points` = 0 on every cell of the prediction grid
+  (`dense_mask_losses`), summed over the matched ground truths and divided by
+  `num_masks_L`, the number of valid ground truths of level L in supervised
+  samples over the whole (global) batch, clamped >= 1 (Mask2Former's
+  normaliser; it equals the number of matched ground truths whenever Q >= N_L).
+  Under jit with sharded arrays the sum is over the global batch, so no
+  collective is needed.
 
 Which samples supervise a level: `task_supervision` maps each AIMS sample type
 to (the one level decoder it trains, the level of that decoder's targets)
@@ -26,7 +28,9 @@ mapping supervise no level (the data layer validates task ids).
 
 Supervised region: `prompt/region` [B, H, W] (times `valid` [B, H, W] when the
 batch has it, so padding is never supervised). Matching and loss points are
-drawn uniformly inside it, so mask pixels outside it never count.
+drawn uniformly inside it, so mask pixels outside it never count; the dense
+terms (`match_num_points` / `num_points` = 0) weight each prediction cell by
+the fraction of its pixels inside it (`hiseg_jax.losses.grid_targets`).
 
 Association (Eq. 8, `association_loss`): uses the final-block matches of both
 levels. Matching is a pure assignment, so it is computed for every level from
@@ -75,6 +79,7 @@ import numpy as np
 from data_pipelines import aims_mixture
 from hiseg_jax.losses.association_loss import association_loss
 from hiseg_jax.losses.loss_config import check_loss_config
+from hiseg_jax.losses.mask_losses import dense_mask_losses
 from hiseg_jax.losses.mask_losses import sampled_mask_losses
 from hiseg_jax.losses.objectness_loss import objectness_loss
 from hiseg_jax.matching import get_matcher
@@ -117,7 +122,9 @@ def default_aims_loss_config() -> Dict[str, Any]:
     per mask), `match_num_points` 12544 (matching points per image),
     `oversample_ratio` 3, `importance_sample_ratio` 0.75, `matcher`
     "hungarian_host" and `block_batch` 1 (decoder blocks matched and scored
-    together, see the module docstring).
+    together, see the module docstring). `num_points` = 0 (`match_num_points`
+    = 0) replaces the sampled points of the losses (of the matching costs) by
+    every cell of the prediction grid; the sampling ratios then play no part.
   """
   return {
       "class_weight": 2.0,
@@ -146,7 +153,8 @@ def check_aims_loss_config(config: Mapping[str, Any]) -> Dict[str, Any]:
   Raises:
     ValueError: on missing or unknown keys, wrong types or bad values.
   """
-  return check_loss_config("AIMS loss config", config, _CONFIG_TYPES)
+  return check_loss_config("AIMS loss config", config, _CONFIG_TYPES,
+                           dense_keys=("num_points", "match_num_points"))
 
 
 def _check_level_outputs(level: str, block: Mapping[str, Any], where: str,
@@ -218,9 +226,12 @@ def _matched_losses(
       logits, matched_queries(pred_idx, matched, logits.shape[1]), active,
       cfg["no_object_weight"])
   aligned = jnp.take_along_axis(masks, pred_idx[:, :, None, None], axis=1)  # [B, N, h, w]
-  ce, dice = sampled_mask_losses(
-      loss_key, aligned, gt_masks, cfg["num_points"], cfg["oversample_ratio"],
-      cfg["importance_sample_ratio"], region=region)  # [B, N], [B, N]
+  if cfg["num_points"] == 0:
+    ce, dice = dense_mask_losses(aligned, gt_masks, region=region)  # [B, N], [B, N]
+  else:
+    ce, dice = sampled_mask_losses(
+        loss_key, aligned, gt_masks, cfg["num_points"], cfg["oversample_ratio"],
+        cfg["importance_sample_ratio"], region=region)  # [B, N], [B, N]
   keep = matched & active[:, None]  # [B, N]
   loss_mask = jnp.where(keep, ce, 0.0).sum() / num_masks
   loss_dice = jnp.where(keep, dice, 0.0).sum() / num_masks

@@ -4,7 +4,9 @@
 with BCE and dice computed on `K` points drawn uniformly at random and shared by all
 predictions and ground truths of one image (Mask2Former draws 12,544). Restriction to
 the supervised region: the `K` points are drawn uniformly *inside* the image's region
-(`sample_uniform_points` with the region), so pixels outside it never enter a cost.
+(`sample_uniform_points` with the region), so pixels outside it never enter a cost. With
+`K = 0` the costs compare every cell of the prediction grid instead, with the area-averaged
+targets and region weights of `hiseg_jax.losses.grid_targets` (the dense mask losses' terms).
 Costs are computed on device and carry no gradient.
 """
 
@@ -13,6 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from hiseg_jax.losses.grid_targets import grid_targets
 from hiseg_jax.losses.point_sampling import point_sample
 from hiseg_jax.losses.point_sampling import sample_uniform_points
 
@@ -29,12 +32,14 @@ def objectness_cost(logits: jax.Array) -> jax.Array:
   return -jax.nn.sigmoid(logits.astype(jnp.float32))  # [..., N]
 
 
-def batch_sigmoid_ce_cost(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def batch_sigmoid_ce_cost(logits: jax.Array, targets: jax.Array,
+                          weights: Optional[jax.Array] = None) -> jax.Array:
   """Pairwise BCE-with-logits averaged over points (Mask2Former `batch_sigmoid_ce_loss`).
 
   Args:
     logits: `[..., N, K]` predicted mask logits at K points.
     targets: `[..., M, K]` targets in `[0, 1]` at the same points.
+    weights: optional `[..., K]` point weights; the mean is then weighted (0 when all are 0).
 
   Returns:
     `[..., N, M]` mean BCE of prediction n against target m.
@@ -43,25 +48,37 @@ def batch_sigmoid_ce_cost(logits: jax.Array, targets: jax.Array) -> jax.Array:
   targets = targets.astype(jnp.float32)  # [..., M, K]
   pos = jax.nn.softplus(-logits)  # [..., N, K]  BCE against 1
   neg = jax.nn.softplus(logits)  # [..., N, K]  BCE against 0
+  if weights is None:
+    norm = jnp.float32(logits.shape[-1])  # []
+  else:
+    pos = pos * weights[..., None, :]  # [..., N, K]
+    neg = neg * weights[..., None, :]  # [..., N, K]
+    norm = jnp.maximum(weights.sum(-1), 1e-12)[..., None, None]  # [..., 1, 1]
   cost = (jnp.einsum("...nk,...mk->...nm", pos, targets)
           + jnp.einsum("...nk,...mk->...nm", neg, 1 - targets))  # [..., N, M]
-  return cost / logits.shape[-1]  # [..., N, M]
+  return cost / norm  # [..., N, M]
 
 
-def batch_dice_cost(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def batch_dice_cost(logits: jax.Array, targets: jax.Array,
+                    weights: Optional[jax.Array] = None) -> jax.Array:
   """Pairwise smoothed dice loss (Mask2Former `batch_dice_loss`).
 
   Args:
     logits: `[..., N, K]` predicted mask logits at K points.
     targets: `[..., M, K]` targets in `[0, 1]` at the same points.
+    weights: optional `[..., K]` point weights.
 
   Returns:
-    `[..., N, M]` `1 - (2 Σ p t + 1) / (Σ p + Σ t + 1)`.
+    `[..., N, M]` `1 - (2 Σ w p t + 1) / (Σ w p + Σ w t + 1)` (w = 1 by default).
   """
   probs = jax.nn.sigmoid(logits.astype(jnp.float32))  # [..., N, K]
   targets = targets.astype(jnp.float32)  # [..., M, K]
+  if weights is not None:
+    probs = probs * weights[..., None, :]  # [..., N, K]
   numerator = 2 * jnp.einsum("...nk,...mk->...nm", probs, targets)  # [..., N, M]
-  denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]  # [..., N, M]
+  weighted_targets = targets if weights is None else targets * weights[..., None, :]  # [..., M, K]
+  target_sums = weighted_targets.sum(-1)  # [..., M]
+  denominator = probs.sum(-1)[..., :, None] + target_sums[..., None, :]  # [..., N, M]
   return 1 - (numerator + 1) / (denominator + 1)  # [..., N, M]
 
 
@@ -84,7 +101,8 @@ def mask_matching_cost(
     pred_masks: `[B, N, h, w]` predicted mask logits.
     gt_masks: `[B, M, hg, wg]` ground-truth masks in `[0, 1]` (any resolution;
       padded slots are allowed, the matcher ignores them).
-    num_points: K, points shared by all masks of an image.
+    num_points: K, points shared by all masks of an image; 0 compares every cell of the
+      prediction grid (`gt_masks` and `region` must tile it).
     class_weight: weight of the objectness cost (AIMS/Mask2Former: 2).
     mask_weight: weight of the BCE cost (5).
     dice_weight: weight of the dice cost (5).
@@ -107,10 +125,16 @@ def mask_matching_cost(
   # Read at the points in their own dtype: converting full-resolution bool targets to float
   # first costs more than the sampling.
   gt_masks = jax.lax.stop_gradient(gt_masks)  # [B, M, hg, wg]
-  coords = sample_uniform_points(rng, num_points, pred_logits.shape[:1], region)  # [B, K, 2]
-  pred_points = point_sample(pred_masks, coords)  # [B, N, K]
-  gt_points = point_sample(gt_masks, coords)  # [B, M, K]
-  cost = (mask_weight * batch_sigmoid_ce_cost(pred_points, gt_points)
+  if num_points == 0:
+    b, n, h, w = pred_masks.shape
+    gt_points, weights = grid_targets(gt_masks, region, (h, w))  # [B, M, h*w], [B, h*w]
+    pred_points = pred_masks.reshape(b, n, h * w)  # [B, N, h*w]
+  else:
+    coords = sample_uniform_points(rng, num_points, pred_logits.shape[:1], region)  # [B, K, 2]
+    pred_points = point_sample(pred_masks, coords)  # [B, N, K]
+    gt_points = point_sample(gt_masks, coords)  # [B, M, K]
+    weights = None
+  cost = (mask_weight * batch_sigmoid_ce_cost(pred_points, gt_points, weights)
           + class_weight * objectness_cost(pred_logits)[:, :, None]
-          + dice_weight * batch_dice_cost(pred_points, gt_points))  # [B, N, M]
+          + dice_weight * batch_dice_cost(pred_points, gt_points, weights))  # [B, N, M]
   return cost
