@@ -20,9 +20,8 @@ def check_loss_config(name: str, config: Mapping[str, Any],
     The settings as a plain dict.
 
   Raises:
-    ValueError: on missing or unknown keys, wrong types, non-positive point counts (negative
-      for `dense_keys`),
-      bad sampling ratios or an unknown matcher.
+    ValueError: on missing or unknown keys, wrong types, non-positive point counts
+      (negative ones for `dense_keys`), bad sampling ratios or an unknown matcher.
   """
   keys = set(config.keys())
   missing = sorted(set(types) - keys)
@@ -38,7 +37,7 @@ def check_loss_config(name: str, config: Mapping[str, Any],
                        f"got {value!r}")
     out[key] = value
   for key in ("num_points", "match_num_points", "candidate_k", "block_batch"):
-    if key in dense_keys and out[key] < 0:
+    if key in out and key in dense_keys and out[key] < 0:
       raise ValueError(f"{name}: {key} must be >= 0 (0: every prediction cell), got {out[key]}")
     if key in out and key not in dense_keys and out[key] <= 0:
       raise ValueError(f"{name}: {key} must be > 0, got {out[key]}")
