@@ -23,7 +23,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                                      'ffn_dim': 64, 'num_heads': 2, 'norm_groups': 4})
   config.model.update({'num_queries': (6, 5, 4), 'hidden_dim': 32, 'num_heads': 2,
                        'ffn_dim': 64, 'dec_layers': 1, 'assoc_dim': 16})
-  config.loss.update({'num_points': 128, 'match_num_points': 128})
+  config.loss.match_num_points = 128
   config.input.update({'eval_batch_size': 4, 'max_parts': 8, 'max_entities': 8,
                        'max_relations': 6})
   config.batch_size = 8
