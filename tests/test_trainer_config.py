@@ -19,12 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_CONFIG = os.path.join(REPO, 'tests', 'trainer_toy.py')
 
 
-def _main(workdir, *flags):
+def _main(workdir, *flags, **env):
   return subprocess.run(
       [sys.executable, '-m', 'hiseg_jax.main', '--config', TOY_CONFIG,
        '--workdir', str(workdir), *flags],
-      env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-      timeout=60)
+      env=dict(os.environ, PYTHONPATH=REPO, **env), capture_output=True,
+      text=True, timeout=60)
 
 
 def test_toy_config_is_valid():
@@ -102,6 +102,16 @@ def test_main_runs_with_overrides(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
   assert sorted(os.listdir(tmp_path / 'eval')) == ['3']
+
+
+def test_batch_the_mesh_does_not_divide_fails_before_writing(tmp_path):
+  workdir = tmp_path / 'run'
+  result = _main(workdir, '--config.batch_size=6',
+                 XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  assert result.returncode != 0
+  assert ('config.batch_size=6 is not divisible by the 4 devices of the mesh'
+          in result.stderr)
+  assert not workdir.exists()
 
 
 def test_bad_aims_eval_config_fails_before_training(tmp_path):

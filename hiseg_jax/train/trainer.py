@@ -370,12 +370,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: before anything is built or written, for a bad config: the
-      trainer's keys (`config_validation.validate`) and what the model's
-      `check_config` checks (e.g. its evaluation section).
+      trainer's keys (`config_validation.validate`), what the model's
+      `check_config` checks (e.g. its evaluation section), and a batch size
+      that the mesh's devices do not divide.
   """
   spec = registry.get(config_validation.model_name(config))
   config_validation.validate(config, spec.config_sections)
   spec.check_config(config)
+  local_batch_size = _local_batch_size(config, sharding.make_mesh(config.mesh))
   config = copy.deepcopy(config)
   config.lock()
   workdir = os.path.abspath(workdir)
@@ -391,7 +393,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info('process %d of %d; %d devices (%s); mesh %s',
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform, dict(mesh.shape))
-  local_batch_size = _local_batch_size(config, mesh)
   data_iterator = spec.make_train_iterator(config, workdir)
   if start_step is None:
     start_step = 0
