@@ -71,13 +71,11 @@ def batch_dice_cost(logits: jax.Array, targets: jax.Array,
   Returns:
     `[..., N, M]` `1 - (2 Σ w p t + 1) / (Σ w p + Σ w t + 1)` (w = 1 by default).
   """
-  probs = jax.nn.sigmoid(logits.astype(jnp.float32))  # [..., N, K]
+  w = 1.0 if weights is None else weights[..., None, :]  # [..., 1, K] or scalar
+  probs = w * jax.nn.sigmoid(logits.astype(jnp.float32))  # [..., N, K]
   targets = targets.astype(jnp.float32)  # [..., M, K]
-  if weights is not None:
-    probs = probs * weights[..., None, :]  # [..., N, K]
   numerator = 2 * jnp.einsum("...nk,...mk->...nm", probs, targets)  # [..., N, M]
-  weighted_targets = targets if weights is None else targets * weights[..., None, :]  # [..., M, K]
-  target_sums = weighted_targets.sum(-1)  # [..., M]
+  target_sums = (w * targets).sum(-1)  # [..., M]
   denominator = probs.sum(-1)[..., :, None] + target_sums[..., None, :]  # [..., N, M]
   return 1 - (numerator + 1) / (denominator + 1)  # [..., N, M]
 
