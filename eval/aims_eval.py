@@ -5,10 +5,11 @@ Federated evaluation as in the paper: two subsets, each annotated at two levels,
     AP_entity and AR_ep;
   relation–entity (`config.eval.relation_entity`, a COCO-PSG style dataset): AP_relation,
     AP_entity_re (entity AP on that subset) and AR_re.
-Every image is run once with the full-image prompt (one-step inference,
-`hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level, scores decayed by Matrix
-NMS when `config.eval.mask_nms` is "matrix", as given when "none"); the kept masks are cut
-to the image's window of the canvas and resized (nearest) to the original image size.
+Every image is resized (longer side) onto a canvas of `config.eval.image_size` (which may differ
+from the training canvas `config.image_size`) and run once with the full-image prompt (one-step
+inference, `hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level, scores decayed
+by Matrix NMS when `config.eval.mask_nms` is "matrix", as given when "none"); the kept masks are
+cut to the image's window of the canvas and resized (nearest) to the original image size.
 
 Files, under the output folder (`W/eval/<step>/` in training, `--out` of `eval.evaluate`): for
 each subset `<subset>/<level>_gt.json` (class-agnostic COCO ground truth,
@@ -42,6 +43,8 @@ from hiseg_jax.train import sharding
 
 # config.eval.mask_nms: "none" (the paper's scoring) or "matrix" (Matrix NMS score decay).
 MASK_NMS = ('none', 'matrix')
+# config.eval.image_size must be a multiple of the backbone's largest stride.
+CANVAS_MULTIPLE = 32
 
 # Subset name -> (config.eval key, the two levels (higher, lower), association output key).
 SUBSETS = {
@@ -130,12 +133,12 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: listing unknown or missing keys of `config.eval`, a `mask_nms` outside
-      `MASK_NMS`, a `top_k` that is not a positive int, and subset datasets that are not in
-      `config.datasets`.
+      `MASK_NMS`, a `top_k` that is not a positive int, an `image_size` that is not a positive
+      multiple of `CANVAS_MULTIPLE`, and subset datasets that are not in `config.datasets`.
   """
   if 'eval' not in config:
     raise ValueError('config.eval: missing (the AIMS evaluation section)')
-  expected = {'top_k', 'mask_nms'} | {key for key, _, _ in SUBSETS.values()}
+  expected = {'top_k', 'mask_nms', 'image_size'} | {key for key, _, _ in SUBSETS.values()}
   problems = config_validation.key_problems('config.eval', config.eval.keys(), expected)
   if not problems:
     if config.eval.mask_nms not in MASK_NMS:
@@ -144,6 +147,11 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
     top_k = config.eval.top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
       problems.append(f'config.eval.top_k must be an int >= 1, got {top_k!r}')
+    size = config.eval.image_size
+    if (isinstance(size, bool) or not isinstance(size, int) or size < CANVAS_MULTIPLE
+        or size % CANVAS_MULTIPLE):
+      problems.append(f'config.eval.image_size must be a positive multiple of '
+                      f'{CANVAS_MULTIPLE}, got {size!r}')
     for key, _, _ in SUBSETS.values():
       name = config.eval[key]
       if not isinstance(name, str) or (name and name not in config.datasets):
@@ -175,7 +183,9 @@ def _evaluate_subset(predict, variables, config, sources, dataset_name: str,
   """Runs one subset and scores it."""
   from hiseg_jax.aims import spec  # pylint: disable=g-import-not-at-top
   source = sources[dataset_name]
-  built = pipeline.build_eval_pipeline(spec.input_section(config), sources, dataset_name)
+  section = spec.input_section(config)
+  section.image_size = canvas = config.eval.image_size
+  built = pipeline.build_eval_pipeline(section, sources, dataset_name)
   by_id = {}
   for i in range(len(source)):
     by_id[int(source.meta(i).image_id)] = i
@@ -185,13 +195,13 @@ def _evaluate_subset(predict, variables, config, sources, dataset_name: str,
   for host_batch in tqdm.tqdm(iter(built.dataset), total=built.num_batches,
                               desc=f'eval {dataset_name}', leave=False):
     inputs = {k: host_batch[k] for k in ('image', 'prompt/mask')}
-    inputs['window'] = valid_window(host_batch['orig_size'], config.image_size)  # [B, 2]
+    inputs['window'] = valid_window(host_batch['orig_size'], canvas)  # [B, 2]
     inputs = sharding.global_batch(inputs, batch_sharding, built.host_batch_size)
     pred = predict(variables, inputs, inputs.pop('window'))
     pred = jax.tree.map(np.asarray, multihost_utils.process_allgather(pred, tiled=True))
     ids = multihost_utils.process_allgather(host_batch['image_id'], tiled=True)
     sizes = multihost_utils.process_allgather(host_batch['orig_size'], tiled=True)
-    windows = valid_window(sizes, config.image_size)
+    windows = valid_window(sizes, canvas)
     for b, image_id in enumerate(np.asarray(ids)):
       if image_id < 0:
         continue

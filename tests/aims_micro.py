@@ -6,7 +6,7 @@ from configs import aims
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  """configs/aims.py:runlocal at 64 px with one decoder block and a few queries.
+  """configs/aims.py:runlocal at 64 px (evaluated at 96) with one decoder block and a few queries.
 
   Args:
     arg: unused (the `--config path:arg` convention).
@@ -24,6 +24,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.update({'num_queries': (6, 5, 4), 'hidden_dim': 32, 'num_heads': 2,
                        'ffn_dim': 64, 'dec_layers': 1, 'assoc_dim': 16})
   config.loss.match_num_points = 128
+  # Evaluated on a larger canvas than trained on, as runlocal does.
+  config.eval.image_size = 96
   config.input.update({'eval_batch_size': 4, 'max_parts': 8, 'max_entities': 8,
                        'max_relations': 6})
   config.batch_size = 8

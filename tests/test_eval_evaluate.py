@@ -53,6 +53,11 @@ def test_evaluate_checkpoint(tmp_path):
       assert len(gt.getImgIds()) == 4 and gt.getAnnIds()
       results = gt.loadRes(str(out / subset / f'{level}_results.json'))
       assert results.getAnnIds() and set(results.getImgIds()) == set(gt.getImgIds())
+      # Evaluated on a 96 px canvas (the micro config's eval.image_size), the result masks come
+      # back at the original 64 px image size.
+      for ann in results.loadAnns(results.getAnnIds()):
+        image = gt.loadImgs(ann['image_id'])[0]
+        assert results.annToMask(ann).shape == (image['height'], image['width']) == (64, 64)
 
   missing = _evaluate(workdir, tmp_path / 'missing', '--step=5')
   assert missing.returncode == 1

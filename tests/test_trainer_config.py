@@ -120,12 +120,14 @@ def test_bad_aims_eval_config_fails_before_training(tmp_path):
   config = aims_micro.get_config()
   config.eval.mask_nms = 'soft'
   config.eval.top_k = 0
+  config.eval.image_size = 100
   config.eval.entity_part = 'ppp_vall'
   with pytest.raises(ValueError) as error:
     trainer.train_and_evaluate(config, str(tmp_path))
   message = str(error.value)
   for expected in ["config.eval.mask_nms must be one of ('none', 'matrix'), got 'soft'",
                    'config.eval.top_k must be an int >= 1, got 0',
+                   'config.eval.image_size must be a positive multiple of 32, got 100',
                    "config.eval.entity_part must be '' or one of config.datasets",
                    "got 'ppp_vall'"]:
     assert expected in message, (expected, message)
