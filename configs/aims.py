@@ -129,7 +129,14 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict({
       "eval_batch_size": 8,
-      "scale_range": (0.75, 1.25) if runlocal else (0.1, 2.0),
+      # runlocal enlarges every training image (x1.0-1.5 of the 128 px canvas, cropped) so that
+      # small parts span more stride-2 cells, and evaluates at the top of that range (192 px,
+      # `eval.image_size`). 2,700-step runs (seed 0 / seed 1; AP_entity / AP_part / AP_relation
+      # / AR_ep / AR_re): (1.0, 1.5) evaluated at 192 px 60.2 / 24.0 / 34.5 / 25.0 / 48.9 and
+      # 53.3 / 22.9 / 30.2 / 20.8 / 40.9, against (0.75, 1.25) at its best canvas (160 px) 51.0
+      # / 23.9 / 33.0 / 19.0 / 40.9 and 49.8 / 23.3 / 27.6 / 17.3 / 38.2. (1.25, 1.75) at 192
+      # px, seed 0: 49.9 / 24.2 / 23.7 / 21.2 / 38.6.
+      "scale_range": (1.0, 1.5) if runlocal else (0.1, 2.0),
       "flip_prob": 0.5,
       "max_parts": 24 if runlocal else 100,
       "max_entities": 16 if runlocal else 100,
@@ -153,14 +160,15 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       # without suppression ("none").
       "mask_nms": "matrix" if runlocal else "none",
       # Evaluation canvas side (a multiple of 32). runlocal evaluates its 128 px images enlarged
-      # to 160 px, the top of its training scale range (x1.25), where small parts span more
+      # to 192 px, the top of its training scale range (x1.5), where small parts span more
       # stride-2 cells (parts of 100-200 px, 43% of the validation parts, were found at IoU 0.5
-      # only 52% of the time at 128). `python -m eval.evaluate` on the 2,700-step runlocal
-      # checkpoints, 160 vs 128 (AP_entity / AP_part / AP_relation / AR_ep / AR_re): seed 0
-      # 51.0 / 23.9 / 33.0 / 19.0 / 40.9 vs 51.2 / 21.9 / 32.2 / 19.1 / 41.2; seed 1 49.8 / 23.3 /
-      # 27.6 / 17.3 / 38.2 vs 49.4 / 20.4 / 27.3 / 15.6 / 37.1. 192 px gave seed 0 45.9 / 24.0 /
-      # 29.2 / 18.0 / 37.1. r50 evaluates at its training canvas.
-      "image_size": 160 if runlocal else 1024,
+      # only 52% of the time at 128). `python -m eval.evaluate --config.eval.image_size=S` on
+      # the two 2,700-step runs above (seed 0 / seed 1), S = 160 / 192 / 224: AP_entity 59.7 /
+      # 60.2 / 57.6 and 53.6 / 53.3 / 49.3, AP_part 22.6 / 24.0 / 25.7 and 21.2 / 22.9 / 25.1,
+      # AP_relation 35.0 / 34.5 / 32.7 and 31.7 / 30.2 / 27.3, AR_ep 23.7 / 25.0 / 25.1 and 19.1
+      # / 20.8 / 20.2; at 128 px seed 0 gave 55.3 / 19.9 / 32.6 / 19.5 / 42.6. r50 evaluates at
+      # its training canvas.
+      "image_size": 192 if runlocal else 1024,
       "entity_part": "ppp_val",
       "relation_entity": "psg_val",
   })
