@@ -301,7 +301,8 @@ class Training(NamedTuple):
 
 
 def build_training(config: ml_collections.ConfigDict,
-                   materialize: bool = True) -> Training:
+                   materialize: bool = True,
+                   mesh: Optional[Mesh] = None) -> Training:
   """Builds the mesh, model, optimiser, train state and jitted step of a config.
 
   The one place that assembles a training step: the training loop, restoring
@@ -310,12 +311,14 @@ def build_training(config: ml_collections.ConfigDict,
   Args:
     config: the run's config (`config.model.name` picks the model).
     materialize: when False only the abstract state is built (for restoring).
+    mesh: the mesh of `config.mesh` when the caller has already built it;
+      built here when None.
 
   Returns:
     The `Training` parts.
   """
   spec = registry.get(config_validation.model_name(config))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   module = spec.build(config)
   tx, schedule = optim.make_optimizer(config.optim, spec.param_group,
                                       spec.no_weight_decay)
@@ -377,7 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   spec = registry.get(config_validation.model_name(config))
   config_validation.validate(config, spec.config_sections)
   spec.check_config(config)
-  local_batch_size = _local_batch_size(config, sharding.make_mesh(config.mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  local_batch_size = _local_batch_size(config, mesh)
   config = copy.deepcopy(config)
   config.lock()
   workdir = os.path.abspath(workdir)
@@ -387,9 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints,
       config.async_checkpoints)
   start_step = checkpointer.latest_step()
-  training = build_training(config, materialize=start_step is None)
+  training = build_training(config, materialize=start_step is None, mesh=mesh)
   module, state, train_step = training.module, training.state, training.train_step
-  mesh = training.mesh
   logging.info('process %d of %d; %d devices (%s); mesh %s',
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform, dict(mesh.shape))
