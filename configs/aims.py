@@ -190,7 +190,8 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     # 23.6 / 45.1 against 53.3 / 22.9 / 30.2 / 20.8 / 40.9; the command took 17:08 on a fresh
     # clone (idle 2-core machine, 3.9 GB peak memory). 3,300 steps instead of 3,000 (decay at
     # 2,620 / 3,090): seed 0 61.2 / 26.7 / 35.5 / 27.9 / 49.7, seed 1 58.4 / 24.7 / 34.1 / 25.2
-    # / 46.7, every metric up on both seeds (+0.9 to +2.1).
+    # / 46.7, every metric up on both seeds (+0.9 to +2.1). The command then took 19:47 on a
+    # fresh clone (idle 2-core machine, 3.8 GB peak memory): the step count is at its limit.
     config.total_steps = 3300
     config.log_every = 50
     config.eval_every = 0
