@@ -1,5 +1,6 @@
 """Config validation, the registry contract and the main command's flags."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -112,6 +113,25 @@ def test_batch_the_mesh_does_not_divide_fails_before_writing(tmp_path):
   assert ('config.batch_size=6 is not divisible by the 4 devices of the mesh'
           in result.stderr)
   assert not workdir.exists()
+
+
+def _missing_data(config, workdir):
+  raise FileNotFoundError(f'no training data under {workdir}')
+
+
+def test_data_pipeline_error_stops_the_run(tmp_path):
+  # The iterator is built in a thread while the state compiles; its error must
+  # still end the run, before any step or checkpoint.
+  name = 'trainer_toy_missing_data'
+  if name not in registry.names():
+    registry.register(name, dataclasses.replace(
+        trainer_toy.SPEC, make_train_iterator=_missing_data))
+  config = trainer_toy.get_config()
+  config.model.name = name
+  with pytest.raises(FileNotFoundError, match='no training data under'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path / 'checkpoints')
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
 
 
 def test_bad_aims_eval_config_fails_before_training(tmp_path):

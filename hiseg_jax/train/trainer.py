@@ -25,6 +25,7 @@ averages), and every evaluation uses the average instead of the raw parameters.
 evaluation outside training.
 """
 
+from concurrent import futures
 import copy
 import os
 import time
@@ -391,12 +392,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints,
       config.async_checkpoints)
   start_step = checkpointer.latest_step()
-  training = build_training(config, materialize=start_step is None, mesh=mesh)
+  # On one process the data iterator (which may first generate the synthetic
+  # dataset) is built in a thread while the train state compiles: XLA compiles
+  # without holding the GIL. Several processes build it afterwards, since the
+  # generation synchronises them.
+  with futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = (pool.submit(spec.make_train_iterator, config, workdir)
+               if jax.process_count() == 1 else None)
+    training = build_training(config, materialize=start_step is None,
+                              mesh=mesh)
+    data_iterator = (pending.result() if pending is not None else
+                     spec.make_train_iterator(config, workdir))
   module, state, train_step = training.module, training.state, training.train_step
   logging.info('process %d of %d; %d devices (%s); mesh %s',
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform, dict(mesh.shape))
-  data_iterator = spec.make_train_iterator(config, workdir)
   if start_step is None:
     start_step = 0
   else:
