@@ -192,6 +192,9 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     # 2,620 / 3,090): seed 0 61.2 / 26.7 / 35.5 / 27.9 / 49.7, seed 1 58.4 / 24.7 / 34.1 / 25.2
     # / 46.7, every metric up on both seeds (+0.9 to +2.1). The command then took 19:47 on a
     # fresh clone (idle 2-core machine, 3.8 GB peak memory): the step count is at its limit.
+    # The same machine's speed varies by day: another day the same commit took 17:33, and
+    # 16:55 once the data iterator was built while the state compiles (same metrics to every
+    # digit).
     config.total_steps = 3300
     config.log_every = 50
     config.eval_every = 0

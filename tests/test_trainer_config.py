@@ -116,6 +116,8 @@ def test_batch_the_mesh_does_not_divide_fails_before_writing(tmp_path):
 
 
 def _missing_data(config, workdir):
+  """A `make_train_iterator` that fails as a missing dataset would."""
+  del config
   raise FileNotFoundError(f'no training data under {workdir}')
 
 
