@@ -380,8 +380,8 @@ def test_box_refinement_step_matches_reference_arithmetic(run):
     layers = params[name]
     for i in range(3):
       layer = layers[f'layers_{i}']
-      x = x @ torch.from_numpy(np.asarray(layer['kernel'])) + torch.from_numpy(
-          np.asarray(layer['bias']))
+      x = x @ torch.from_numpy(np.array(layer['kernel'])) + torch.from_numpy(
+          np.array(layer['bias']))
       x = F.relu(x) if i < 2 else x
     return x
 
