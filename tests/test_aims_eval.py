@@ -1,11 +1,14 @@
 """AIMS evaluation geometry: oracle predictions on a larger evaluation canvas score 100.
 
 `eval.aims_eval` resizes every image onto a canvas of `config.eval.image_size` (96 px in the
-micro config, whose images are 64 px), and maps the predicted canvas masks back to the original
-size. A predictor that returns the ground truth, resized (nearest) into each image's window of
-the canvas it is given, must then score AP 100 at every level and AR 100 for both associations:
-64 -> 96 -> 64 nearest resampling is an exact round trip, so any disagreement between the canvas
-the pipeline builds, the window the evaluation cuts and the resize back shows up as lost AP.
+micro config, whose images are 64 px), and maps the predicted mask logits back to the original
+size (bilinear, then binarised). A predictor that returns the ground truth as logits (+10 inside,
+-10 outside) on each image's window of the canvas it is given, resized there by nearest
+neighbour, must then score AP 100 at every level and AR 100 for both associations: each
+64 px output pixel's bilinear sample of the 96 px canvas puts weight 0.5625 > 1/2 on a canvas
+pixel copied from that same pixel, so the round trip is exact, and any disagreement between the
+canvas the pipeline builds, the window the evaluation cuts and the resize back shows up as lost
+AP.
 """
 
 import numpy as np
@@ -32,7 +35,7 @@ def _to_canvas(masks, window, canvas):
 
 
 def _oracle(config, sources, dataset_name, levels, assoc_key):
-  """A `predict` that returns each batch's ground truth at the canvas, in pipeline order."""
+  """A `predict` that returns each batch's ground truth as canvas logits, in pipeline order."""
   section = spec.input_section(config)
   section.image_size = canvas = config.eval.image_size
   built = pipeline.build_eval_pipeline(section, sources, dataset_name)
@@ -45,7 +48,8 @@ def _oracle(config, sources, dataset_name, levels, assoc_key):
     truth = [aims_eval.association_ground_truth(source[by_id[int(i)]], levels) if i >= 0
              else None for i in ids]
     sizes = [max(len(t[k]) for t in truth if t is not None) + 1 for k in (0, 1)]
-    pred = {level: {'masks': np.zeros((len(ids), n, canvas, canvas), bool),  # [B, K, S, S]
+    pred = {level: {'mask_logits': np.full((len(ids), n, canvas, canvas), -10.0,
+                                           np.float32),  # [B, K, S, S]
                     'scores': np.zeros((len(ids), n), np.float32)}  # [B, K]
             for level, n in zip(levels, sizes)}
     pred[assoc_key] = np.zeros((len(ids),) + tuple(sizes), np.float32)  # [B, Kh, Kl]
@@ -53,7 +57,8 @@ def _oracle(config, sources, dataset_name, levels, assoc_key):
       if t is None:
         continue
       for level, masks in zip(levels, t[:2]):
-        pred[level]['masks'][b, :len(masks)] = _to_canvas(masks, windows[b], canvas)
+        pred[level]['mask_logits'][b, :len(masks)] = np.where(
+            _to_canvas(masks, windows[b], canvas), 10.0, -10.0)
         pred[level]['scores'][b, :len(masks)] = 1.0
       pred[assoc_key][b, t[2][:, 0], t[2][:, 1]] = 1.0
     batches.append((canvas, pred))

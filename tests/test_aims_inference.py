@@ -61,6 +61,9 @@ def test_one_step_matches_reference_scoring():
       # float32 vs float64 probabilities: 1e-5.
       np.testing.assert_allclose(np.asarray(r['scores'][b]), score, atol=1e-5)
       np.testing.assert_array_equal(np.asarray(r['masks'][b]), binary)
+      # The returned logits are the selected queries' own, in the returned order.
+      np.testing.assert_array_equal(np.asarray(r['mask_logits'][b]),
+                                    outputs[level]['masks'][b][idx])
   assert not np.asarray(result['part']['masks'])[1, :, 12:, :].any()
   sig = lambda x: 1 / (1 + np.exp(-x))
   for key, hi, lo in (('assoc_ep', 'entity', 'part'), ('assoc_re', 'relation', 'entity')):

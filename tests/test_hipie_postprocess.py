@@ -222,6 +222,24 @@ def test_mask_resizing_matches_torch():
                                   want.numpy())
 
 
+@pytest.mark.parametrize('image_hw,out_hw', [((33, 41), (50, 23)), ((36, 44), (36, 44)),
+                                             ((20, 44), (13, 29))])
+def test_host_mask_resizing_matches_torch(image_hw, out_hw):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 9, 11)).astype(np.float32)
+  got = resize.host_mask_logits_to_output(x, STRIDE, image_hw, out_hw)
+  up = F.interpolate(_t(x)[None], scale_factor=STRIDE, mode='bilinear', align_corners=False)
+  want = F.interpolate(up[:, :, :image_hw[0], :image_hw[1]], size=out_hw, mode='bilinear',
+                       align_corners=False)[0].numpy()
+  assert got.shape == want.shape and got.dtype == np.float32
+  # One composed float32 matrix per axis against three float32 passes: 1e-5.
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got, np.asarray(resize.mask_logits_to_output(
+      jnp.asarray(x), STRIDE, image_hw, out_hw)), atol=1e-5)
+  with pytest.raises(ValueError, match='does not fit'):
+    resize.host_mask_logits_to_output(x, STRIDE, (37, 44), out_hw)
+
+
 # ----------------------------------------------------------------------------- instances
 
 

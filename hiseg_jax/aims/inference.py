@@ -17,7 +17,9 @@ relation/entity queries, in the same order as the returned masks.
 
 Masks come back at canvas size with everything outside the valid area False;
 the caller crops them to `image_valid_hw` and resizes them to the original
-image size.
+image size. Their logits also come back, at the mask-feature stride, for
+callers that resize the logits before binarising (as the evaluation does,
+`eval.aims_eval.to_original`).
 """
 
 from typing import Any, Dict, Optional, Tuple
@@ -44,14 +46,14 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
 
   Returns:
     {'masks': bool [B, K, H, W], 'scores': [B, K] descending, 'indices':
-    int32 [B, K] query indices}.
+    int32 [B, K] query indices, 'mask_logits': [B, K, h, w] float32}.
   """
   k = min(top_k, logits.shape[1])
   prob = jax.nn.sigmoid(logits.astype(jnp.float32))  # [B, Q]
   prob, idx = jax.lax.top_k(prob, k)  # [B, K], [B, K]
-  sel = jnp.take_along_axis(masks, idx[:, :, None, None], axis=1)  # [B, K, h, w]
-  sel = resize_mask_logits(sel.astype(jnp.float32), valid.shape[1:])  # [B, K, H, W]
-  mask_prob = jax.nn.sigmoid(sel)  # [B, K, H, W]
+  low = jnp.take_along_axis(masks, idx[:, :, None, None], axis=1).astype(
+      jnp.float32)  # [B, K, h, w]
+  mask_prob = jax.nn.sigmoid(resize_mask_logits(low, valid.shape[1:]))  # [B, K, H, W]
   binary = (mask_prob > 0.5) & valid[:, None]  # [B, K, H, W]
   area = jnp.sum(binary, axis=(2, 3))  # [B, K]
   mask_score = jnp.sum(mask_prob * binary, axis=(2, 3)) / (area + 1e-6)  # [B, K]
@@ -65,6 +67,7 @@ def _level_predictions(logits: jnp.ndarray, masks: jnp.ndarray, valid: jnp.ndarr
       'masks': jnp.take_along_axis(binary, order[:, :, None, None], axis=1),  # [B, K, H, W]
       'scores': scores,  # [B, K]
       'indices': jnp.take_along_axis(idx, order, axis=1).astype(jnp.int32),  # [B, K]
+      'mask_logits': jnp.take_along_axis(low, order[:, :, None, None], axis=1),  # [B, K, h, w]
   }
 
 
@@ -121,7 +124,9 @@ def one_step(outputs: Dict[str, Any], image_valid_hw: jnp.ndarray, canvas_hw: Tu
 
   Returns:
     {'part' | 'entity' | 'relation': {'masks': bool [B, K_T, H, W], 'scores':
-    [B, K_T] sorted descending, 'indices': int32 [B, K_T] query indices}, and
+    [B, K_T] sorted descending, 'indices': int32 [B, K_T] query indices,
+    'mask_logits': float32 [B, K_T, h_T, w_T] the masks' logits at the level's
+    mask-feature resolution}, and
     when the model has AM 'assoc_ep': [B, K_e, K_p] and 'assoc_re':
     [B, K_r, K_e] association probabilities between the returned predictions}.
   """

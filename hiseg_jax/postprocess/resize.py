@@ -6,6 +6,9 @@
   original image size (the semantic / panoptic path).
 * `nearest_resize`: `F.interpolate(..., mode='nearest')` (source index floor(dst · in / out) in
   float32), which HIPIE's `segmentation_postprocess` applies to binary instance masks.
+* `bilinear_weights` and `host_mask_logits_to_output`: the same upsample-crop-resize as
+  `mask_logits_to_output` in NumPy, for per-image host code whose output sizes vary (no
+  compilation per size).
 
 Bilinear resizes use `jax.image.resize` without antialiasing, which equals torch's
 `align_corners=False` bilinear for up- and down-sampling.
@@ -81,6 +84,59 @@ def mask_logits_to_output(mask_logits: jnp.ndarray, stride: int, image_hw: Seque
   """
   return crop_resize_mask_logits(upsample_mask_logits(mask_logits, stride), image_hw,
                                  output_hw)  # [N, H_out, W_out]
+
+
+def bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+  """Resampling matrix of torch's bilinear resize (`align_corners=False`) along one axis.
+
+  Output sample i reads the input at x = max((i + 0.5) · in / out - 0.5, 0), linearly between
+  floor(x) and min(floor(x) + 1, in - 1), as `F.interpolate` does (no antialiasing).
+
+  Args:
+    in_size: input length.
+    out_size: output length.
+
+  Returns:
+    float64 [out_size, in_size]; `weights @ v` resizes a vector v of length in_size.
+  """
+  x = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)  # [out]
+  lo = np.minimum(np.floor(x).astype(np.int64), in_size - 1)  # [out]
+  hi = np.minimum(lo + 1, in_size - 1)  # [out]
+  frac = x - lo  # [out]
+  weights = np.zeros((out_size, in_size))  # [out, in]
+  np.add.at(weights, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(weights, (np.arange(out_size), hi), frac)
+  return weights
+
+
+def host_mask_logits_to_output(mask_logits: np.ndarray, stride: int, image_hw: Sequence[int],
+                               output_hw: Sequence[int]) -> np.ndarray:
+  """NumPy `mask_logits_to_output`: upsample by the stride, crop, resize to the output size.
+
+  The three linear steps are composed into one matrix per axis, so the result equals the
+  sequential torch resizes up to float rounding.
+
+  Args:
+    mask_logits: [N, h, w] logits at 1/stride of the padded canvas.
+    stride: mask stride (the canvas is h·stride x w·stride).
+    image_hw: (h_img, w_img) valid image area at the canvas' top-left.
+    output_hw: (H_out, W_out) original image size.
+
+  Returns:
+    float32 [N, H_out, W_out] logits.
+  """
+  (h, w), (ho, wo) = _check_hw('image_hw', image_hw), _check_hw('output_hw', output_hw)
+  if mask_logits.ndim != 3 or h > mask_logits.shape[1] * stride or (
+      w > mask_logits.shape[2] * stride):
+    raise ValueError(f'host_mask_logits_to_output: image_hw {(h, w)} does not fit in '
+                     f'mask_logits {mask_logits.shape} at stride {stride}')
+  rows = bilinear_weights(h, ho) @ bilinear_weights(mask_logits.shape[1],
+                                                    mask_logits.shape[1] * stride)[:h]  # [Ho, h']
+  cols = bilinear_weights(w, wo) @ bilinear_weights(mask_logits.shape[2],
+                                                    mask_logits.shape[2] * stride)[:w]  # [Wo, w']
+  out = np.einsum('yh,nhw->nyw', rows.astype(np.float32),
+                  np.asarray(mask_logits, np.float32))  # [N, Ho, w']
+  return np.einsum('nyw,xw->nyx', out, cols.astype(np.float32))  # [N, Ho, Wo]
 
 
 def nearest_source_index(in_size: int, out_size: int) -> np.ndarray:
