@@ -86,7 +86,13 @@ def to_original(mask_logits: np.ndarray, canvas: int, window: Sequence[int],
 
   Returns:
     bool [K, H, W].
+
+  Raises:
+    ValueError: when the logits' side does not divide the canvas side.
   """
+  if mask_logits.ndim != 3 or canvas % mask_logits.shape[1]:
+    raise ValueError(f'to_original: mask logits {mask_logits.shape} are not [K, h, w] with h '
+                     f'dividing the canvas side {canvas}')
   stride = canvas // mask_logits.shape[1]
   return resize.host_mask_logits_to_output(mask_logits, stride, window, size) > 0  # [K, H, W]
 

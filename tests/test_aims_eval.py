@@ -91,3 +91,10 @@ def test_oracle_on_a_larger_canvas_scores_100(tmp_path, subset):
     for stat in ('AP', 'AP50', 'AP75'):
       assert metrics[f'{stat}_{level}'] == pytest.approx(100.0), (level, stat, metrics)
   assert metrics['AR'] == pytest.approx(100.0), metrics
+
+
+def test_to_original_rejects_logits_that_do_not_tile_the_canvas():
+  logits = np.zeros((2, 40, 40), np.float32)  # [K, h, w]
+  with pytest.raises(ValueError, match='dividing the canvas side 96'):
+    aims_eval.to_original(logits, 96, (96, 96), (64, 64))
+  assert aims_eval.to_original(logits + 1, 80, (80, 60), (64, 48)).all()

@@ -134,9 +134,8 @@ def host_mask_logits_to_output(mask_logits: np.ndarray, stride: int, image_hw: S
                                                     mask_logits.shape[1] * stride)[:h]  # [Ho, h']
   cols = bilinear_weights(w, wo) @ bilinear_weights(mask_logits.shape[2],
                                                     mask_logits.shape[2] * stride)[:w]  # [Wo, w']
-  out = np.einsum('yh,nhw->nyw', rows.astype(np.float32),
-                  np.asarray(mask_logits, np.float32))  # [N, Ho, w']
-  return np.einsum('nyw,xw->nyx', out, cols.astype(np.float32))  # [N, Ho, Wo]
+  out = rows.astype(np.float32) @ np.asarray(mask_logits, np.float32)  # [N, Ho, w']
+  return out @ cols.astype(np.float32).T  # [N, Ho, Wo]
 
 
 def nearest_source_index(in_size: int, out_size: int) -> np.ndarray:
