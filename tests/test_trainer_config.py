@@ -25,7 +25,7 @@ def _main(workdir, *flags, **env):
       [sys.executable, '-m', 'hiseg_jax.main', '--config', TOY_CONFIG,
        '--workdir', str(workdir), *flags],
       env=dict(os.environ, PYTHONPATH=REPO, **env), capture_output=True,
-      text=True, timeout=60)
+      text=True, timeout=300)
 
 
 def test_toy_config_is_valid():

@@ -103,7 +103,7 @@ def test_outputs_and_kill_resume(tmp_path):
   metrics_path = os.path.join(killed_dir, 'metrics.jsonl')
   _wait_for(lambda: os.path.isdir(os.path.join(killed_dir, 'checkpoints', '4'))
             and os.path.exists(metrics_path)
-            and len(_train_records(killed_dir)) >= 6, process, timeout=60)
+            and len(_train_records(killed_dir)) >= 6, process, timeout=180)
   process.send_signal(signal.SIGKILL)
   process.communicate()
   logged_before_kill = len(_train_records(killed_dir))
@@ -113,7 +113,7 @@ def test_outputs_and_kill_resume(tmp_path):
   assert last_checkpoint < logged_before_kill
 
   resumed = subprocess.run(_command(killed_dir), env=_env(),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f'resuming from {os.path.join(killed_dir, "checkpoints")}/' \
       f'{last_checkpoint}' in resumed.stderr
