@@ -10,6 +10,7 @@ import numpy as np
 
 from hiseg_jax.layers.deformable_attention import MSDeformAttn
 from hiseg_jax.layers.init import kaiming_uniform_a1
+from hiseg_jax.layers.pointwise_conv import PointwiseConv
 from hiseg_jax.layers.position_encoding import sine_position_encoding
 
 # Input features of the deformable encoder, low resolution first (Mask2Former order).
@@ -177,9 +178,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
     for i, name in enumerate(_ENCODER_FEATURES):
       x = features[name].astype(self.dtype)  # [B, h, w, C]
       h, w = x.shape[1:3]
-      x = nn.Conv(d, (1, 1), kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros, dtype=self.dtype,
-                  name=f'input_proj_{i}_conv')(x)  # [B, h, w, D]
+      x = PointwiseConv(d, kernel_init=nn.initializers.xavier_uniform(),
+                        bias_init=nn.initializers.zeros, dtype=self.dtype,
+                        name=f'input_proj_{i}_conv')(x)  # [B, h, w, D]
       x = group_norm(name=f'input_proj_{i}_norm')(x)  # [B, h, w, D]
       srcs.append(x.reshape(b, h * w, d))  # [B, hw, D]
       pe = sine_position_encoding(h, w, num_pos_feats=d // 2)  # [h, w, D]
@@ -203,21 +204,22 @@ class MSDeformAttnPixelDecoder(nn.Module):
       multi_scale.append(src[:, start:start + h * w].reshape(b, h, w, d))  # [B, h, w, D]
       start += h * w
 
-    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
-                      name='lateral_conv')(features['res2'].astype(self.dtype))  # [B, H/4, W/4, D]
+    lateral = PointwiseConv(d, use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
+                            name='lateral_conv')(
+                                features['res2'].astype(self.dtype))  # [B, H/4, W/4, D]
     lateral = group_norm(name='lateral_norm')(lateral)  # [B, H/4, W/4, D]
     up = jax.image.resize(multi_scale[-1], (b, h4, w4, d), 'bilinear')  # [B, H/4, W/4, D]
     y = nn.Conv(d, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False, kernel_init=kaiming_uniform_a1,
                 dtype=self.dtype, name='output_conv')(lateral + up)  # [B, H/4, W/4, D]
     y = nn.relu(group_norm(name='output_norm')(y))  # [B, H/4, W/4, D]
-    mask_conv = functools.partial(nn.Conv, self.mask_dim, (1, 1), kernel_init=kaiming_uniform_a1,
+    mask_conv = functools.partial(PointwiseConv, self.mask_dim, kernel_init=kaiming_uniform_a1,
                                   bias_init=nn.initializers.zeros, dtype=self.dtype)
     mask_features = mask_conv(name='mask_features')(y)  # [B, H/4, W/4, mask_dim]
     if not self.fine_mask_features:
       return mask_features, multi_scale, None
-    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=kaiming_uniform_a1,
-                      dtype=self.dtype, name='stem_lateral_conv')(
-                          features['stem'].astype(self.dtype))  # [B, H/2, W/2, D]
+    lateral = PointwiseConv(d, use_bias=False, kernel_init=kaiming_uniform_a1,
+                            dtype=self.dtype, name='stem_lateral_conv')(
+                                features['stem'].astype(self.dtype))  # [B, H/2, W/2, D]
     lateral = group_norm(name='stem_lateral_norm')(lateral)  # [B, H/2, W/2, D]
     up = jax.image.resize(y, (b, 2 * h4, 2 * w4, d), 'bilinear')  # [B, H/2, W/2, D]
     fine = mask_conv(name='fine_mask_features')(nn.relu(lateral + up))  # [B, H/2, W/2, mask_dim]

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiseg_jax.layers.pointwise_conv import PointwiseConv
+
 
 def resize_bilinear(x: jnp.ndarray, height: int, width: int) -> jnp.ndarray:
   """Bilinear resize of a channels-last map, torch `align_corners=False` style.
@@ -77,7 +79,7 @@ class MaskPromptEncoder(nn.Module):
                   name=f'conv_{i}')(x)  # [B, H/2^(i+1), W/2^(i+1), width]
       x = nn.LayerNorm(epsilon=1e-6, name=f'norm_{i}')(x)  # [B, H/2^(i+1), W/2^(i+1), width]
       x = nn.gelu(x, approximate=False)  # [B, H/2^(i+1), W/2^(i+1), width]
-    m2 = nn.Conv(self.out_dim, (1, 1), name='conv_2')(x)  # [B, H/4, W/4, C_m]
+    m2 = PointwiseConv(self.out_dim, name='conv_2')(x)  # [B, H/4, W/4, C_m]
     outputs = []
     for fh, fw in feature_sizes:
       same = (fh, fw) == (h // 4, w // 4)

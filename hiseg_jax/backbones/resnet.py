@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hiseg_jax.layers.pointwise_conv import PointwiseConv
+
 # torchvision initialises convolutions with Kaiming-normal (fan_out, ReLU gain).
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -117,9 +119,14 @@ class Bottleneck(nn.Module):
     Returns:
       [B, H/stride, W/stride, 4*width] output.
     """
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2,
-                                         use_bias=False, kernel_init=_conv_init,
-                                         dtype=self.dtype, name=name)
+
+    def conv(f, k, s, name):
+      if k == 1:
+        return PointwiseConv(f, s, use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
+                             name=name)
+      return nn.Conv(f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+                     kernel_init=_conv_init, dtype=self.dtype, name=name)
+
     out_dim = 4 * self.width
     y = conv(self.width, 1, 1, 'conv1')(x)  # [B, H, W, width]
     y = nn.relu(_norm(self.norm, train, 'bn1')(y))  # [B, H, W, width]

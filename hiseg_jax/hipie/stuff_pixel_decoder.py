@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hiseg_jax.layers.init import kaiming_uniform_a1
+from hiseg_jax.layers.pointwise_conv import PointwiseConv
 from hiseg_jax.layers.position_encoding import sine_position_encoding
 from hiseg_jax.pixel_decoder import DeformableEncoderLayer
 from hiseg_jax.pixel_decoder import encoder_reference_points
@@ -94,18 +95,18 @@ class MaskDINOEncoder(nn.Module):
     d = self.conv_dim
     group_norm = functools.partial(nn.GroupNorm, num_groups=self.norm_groups, epsilon=1e-5,
                                    dtype=self.dtype)
-    proj_conv = functools.partial(nn.Conv, d, kernel_init=nn.initializers.xavier_uniform(),
-                                  bias_init=nn.initializers.zeros, dtype=self.dtype)
+    proj_init = dict(kernel_init=nn.initializers.xavier_uniform(),
+                     bias_init=nn.initializers.zeros, dtype=self.dtype)
     num_levels = len(IN_FEATURES) + 1
     level_embed = self.param('level_embed', nn.initializers.normal(1.0), (num_levels, d))  # [L, D]
 
     maps = []
     for i, name in enumerate(IN_FEATURES):
-      x = proj_conv((1, 1), name=f'input_proj_{i}_conv')(
+      x = PointwiseConv(d, name=f'input_proj_{i}_conv', **proj_init)(
           features[name].astype(self.dtype))  # [B, h_i, w_i, D]
       maps.append(group_norm(name=f'input_proj_{i}_norm')(x))  # [B, h_i, w_i, D]
-    x = proj_conv((3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                  name=f'input_proj_{len(IN_FEATURES)}_conv')(
+    x = nn.Conv(d, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                name=f'input_proj_{len(IN_FEATURES)}_conv', **proj_init)(
                       features['res5'].astype(self.dtype))  # [B, H/64, W/64, D]
     maps.append(group_norm(name=f'input_proj_{len(IN_FEATURES)}_norm')(x))  # [B, H/64, W/64, D]
 
@@ -134,8 +135,9 @@ class MaskDINOEncoder(nn.Module):
       multi_scale.append(src[:, start:start + h * w].reshape(b, h, w, d))  # [B, h, w, D]
       start += h * w
 
-    lateral = nn.Conv(d, (1, 1), use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
-                      name='lateral_conv')(features['res3'].astype(self.dtype))  # [B, H/8, W/8, D]
+    lateral = PointwiseConv(d, use_bias=False, kernel_init=kaiming_uniform_a1, dtype=self.dtype,
+                            name='lateral_conv')(
+                                features['res3'].astype(self.dtype))  # [B, H/8, W/8, D]
     lateral = group_norm(name='lateral_norm')(lateral)  # [B, H/8, W/8, D]
     y = nn.Conv(d, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kaiming_uniform_a1,
                 dtype=self.dtype, name='output_conv')(lateral + multi_scale[0])  # [B, H/8, W/8, D]
@@ -144,7 +146,7 @@ class MaskDINOEncoder(nn.Module):
                          kernel_init=kaiming_uniform_a1, bias_init=nn.initializers.zeros,
                          dtype=self.dtype, name='mask_features_deconv')(y)  # [B, H/4, W/4, D]
     y = nn.relu(group_norm(name='mask_features_norm')(y))  # [B, H/4, W/4, D]
-    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=kaiming_uniform_a1,
-                            bias_init=nn.initializers.zeros, dtype=self.dtype,
-                            name='mask_features_conv')(y)  # [B, H/4, W/4, mask_dim]
+    mask_features = PointwiseConv(self.mask_dim, kernel_init=kaiming_uniform_a1,
+                                  bias_init=nn.initializers.zeros, dtype=self.dtype,
+                                  name='mask_features_conv')(y)  # [B, H/4, W/4, mask_dim]
     return mask_features, multi_scale
