@@ -197,7 +197,11 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
     # digit), and 21:31 on another 2-core machine (AMD EPYC) whose runlocal step takes 0.37 s
     # in `bench/train_step.py` (0.23-0.24 s measured on the first). These metrics binarise on
     # the canvas; `eval.aims_eval.to_original` now binarises at the original size, where the
-    # seed-0 run scores 61.2 / 27.1 / 35.6 / 28.1 / 50.1.
+    # seed-0 run scores 61.2 / 27.1 / 35.6 / 28.1 / 50.1. With 1x1 convolutions as matmuls
+    # (`hiseg_jax/layers/pointwise_conv.py`) the AMD machine runs the command in 18:27 / 18:05
+    # / 17:15 (seeds 0 / 1 / 2). Their changed float rounding takes training along another
+    # trajectory: seed 0 56.0 / 22.7 / 28.9 / 23.4 / 43.2, seed 1 60.5 / 24.1 / 33.2 / 25.6 /
+    # 48.2, seed 2 60.2 / 26.9 / 33.9 / 26.3 / 48.9 (mean 58.9 / 24.6 / 32.0 / 25.1 / 46.8).
     config.total_steps = 3300
     config.log_every = 50
     config.eval_every = 0
