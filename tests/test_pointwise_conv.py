@@ -49,10 +49,10 @@ def test_matches_conv_forward_and_gradients(shape, strides, use_bias):
 def test_computation_dtype_as_conv():
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))  # [B, H, W, C_in]
   ours, reference = _pair(5, 1, True, dtype=jnp.bfloat16)
-  params = reference.init(jax.random.key(1), x)
+  params = ours.init(jax.random.key(1), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # param_dtype
   y = ours.apply(params, x)
   assert y.dtype == reference.apply(params, x).dtype == jnp.bfloat16
-  assert jax.tree.leaves(params)[0].dtype == jnp.float32
 
 
 def test_rejects_non_image_input():
