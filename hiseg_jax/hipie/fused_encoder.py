@@ -226,7 +226,7 @@ class FusedEncoder(nn.Module):
     if image_sizes is not None and image_sizes.shape != (b, 2):
       raise ValueError(f'FusedEncoder: image_sizes shape {image_sizes.shape} is not [{b}, 2]')
     d = self.d_model
-    conv_init = dict(kernel_init=nn.initializers.xavier_uniform(),
+    conv_args = dict(kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.zeros, dtype=self.dtype)
     group_norm = functools.partial(nn.GroupNorm, num_groups=self.norm_groups, epsilon=1e-5,
                                    dtype=self.dtype)
@@ -235,12 +235,12 @@ class FusedEncoder(nn.Module):
 
     srcs = []
     for i, name in enumerate(FEATURE_KEYS):
-      x = PointwiseConv(d, name=f'input_proj_{i}_conv', **conv_init)(
+      x = PointwiseConv(d, name=f'input_proj_{i}_conv', **conv_args)(
           features[name].astype(self.dtype))  # [B, h, w, D]
       srcs.append(group_norm(name=f'input_proj_{i}_norm')(x))  # [B, h, w, D]
     if self.num_levels == 4:
       x = nn.Conv(d, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)], name='input_proj_3_conv',
-                  **conv_init)(features['res5'].astype(self.dtype))  # [B, H/64, W/64, D]
+                  **conv_args)(features['res5'].astype(self.dtype))  # [B, H/64, W/64, D]
       srcs.append(group_norm(name='input_proj_3_norm')(x))  # [B, H/64, W/64, D]
     shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
     valid = level_valid_masks(image_sizes, b, canvas, shapes)  # L x [B, h, w]

@@ -95,18 +95,18 @@ class MaskDINOEncoder(nn.Module):
     d = self.conv_dim
     group_norm = functools.partial(nn.GroupNorm, num_groups=self.norm_groups, epsilon=1e-5,
                                    dtype=self.dtype)
-    proj_init = dict(kernel_init=nn.initializers.xavier_uniform(),
+    proj_args = dict(kernel_init=nn.initializers.xavier_uniform(),
                      bias_init=nn.initializers.zeros, dtype=self.dtype)
     num_levels = len(IN_FEATURES) + 1
     level_embed = self.param('level_embed', nn.initializers.normal(1.0), (num_levels, d))  # [L, D]
 
     maps = []
     for i, name in enumerate(IN_FEATURES):
-      x = PointwiseConv(d, name=f'input_proj_{i}_conv', **proj_init)(
+      x = PointwiseConv(d, name=f'input_proj_{i}_conv', **proj_args)(
           features[name].astype(self.dtype))  # [B, h_i, w_i, D]
       maps.append(group_norm(name=f'input_proj_{i}_norm')(x))  # [B, h_i, w_i, D]
     x = nn.Conv(d, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                name=f'input_proj_{len(IN_FEATURES)}_conv', **proj_init)(
+                name=f'input_proj_{len(IN_FEATURES)}_conv', **proj_args)(
                       features['res5'].astype(self.dtype))  # [B, H/64, W/64, D]
     maps.append(group_norm(name=f'input_proj_{len(IN_FEATURES)}_norm')(x))  # [B, H/64, W/64, D]
 
