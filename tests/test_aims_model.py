@@ -1,11 +1,13 @@
 """Tests for the full AIMS model: shapes, ablation switches, prompt effect, config building."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from hiseg_jax.aims.level_decoder import LevelDecoder
 from hiseg_jax.aims.model import AIMSModel
 from hiseg_jax.aims.model import build_aims_model
 
@@ -25,7 +27,7 @@ def tiny_model_config(**overrides):
       'num_queries': QUERIES, 'hidden_dim': 32, 'num_heads': 4, 'ffn_dim': 64,
       'dec_layers': LAYERS, 'pre_norm': False, 'dropout': 0.0, 'use_mpe': True,
       'use_tcm': True, 'use_am': True, 'assoc_dim': 16, 'mpe_hidden_dims': (4, 16),
-      'fine_mask_levels': ()}
+      'fine_mask_levels': (), 'decoder_strides': (32, 16, 8)}
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -173,3 +175,32 @@ def test_fine_mask_levels_are_checked():
   with pytest.raises(ValueError, match='stride-2 mask features exactly when non-empty'):
     jax.eval_shape(model.clone(fine_mask_levels=()).init, jax.random.PRNGKey(0),
                    *_inputs()[:2])
+
+
+@pytest.mark.parametrize('strides', [(32, 16, 8), (16, 8, 4)])
+def test_decoder_strides_choose_the_attended_maps(strides):
+  model = build_aims_model(tiny_model_config(decoder_strides=strides))
+  image, full, _ = _inputs()
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, LevelDecoder) and context.method_name == 'memory':
+      seen.append(out.sizes)
+    return out
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), image, full)
+  expected = [(S // s, S // s) for s in strides]
+  assert seen == [expected] * 3  # part, entity, relation decoders
+  # The attended maps are looked up by stride: the parameter tree does not depend on them.
+  default = jax.eval_shape(build_aims_model(tiny_model_config()).init, jax.random.PRNGKey(0),
+                           image, full)
+  assert jax.tree.structure(variables) == jax.tree.structure(default)
+
+
+@pytest.mark.parametrize('strides', [(8, 16, 32), (32, 16, 2), (), (16, 16, 8)])
+def test_decoder_strides_are_checked(strides):
+  model = build_aims_model(tiny_model_config(decoder_strides=strides))
+  with pytest.raises(ValueError, match='decoder_strides'):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), *_inputs()[:2])

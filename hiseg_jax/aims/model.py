@@ -8,7 +8,9 @@ Data flow (AIMS Sec. 3, Fig. 3):
   [MPE] prompt -> M_2..M_5, F'_s = F_s + M_s for s = 2..5 (Eq. 10-11), and
   F'_1 = F_1 + M_2 upscaled by 2;
   three level decoders (part, entity, relation) run block by block in lock
-  step: masked cross-attention -> self-attention -> [TCM E-P and R-E] -> FFN
+  step: masked cross-attention (to F'_5, F'_4, F'_3 round-robin in the paper;
+  `decoder_strides` can shift this one scale finer, to F'_4, F'_3, F'_2, for
+  small canvases) -> self-attention -> [TCM E-P and R-E] -> FFN
   (Eq. 2, 5-7), with a prediction (objectness logit, mask logits on F'_2, or
   on F'_1 for the fine levels, Eq. 3) from the learnable queries and after
   every block;
@@ -66,6 +68,9 @@ class AIMSModel(nn.Module):
     fine_mask_levels: levels whose masks are predicted on the stride-2 mask
       features (the pixel decoder must output them exactly when this is
       non-empty).
+    decoder_strides: strides of the feature maps the level decoders attend to
+      round-robin, low resolution first: (32, 16, 8) is F_5, F_4, F_3 (the
+      paper's); 4 names the (prompt-fused) mask features F_2.
   """
   backbone: nn.Module
   pixel_decoder: nn.Module
@@ -82,6 +87,7 @@ class AIMSModel(nn.Module):
   assoc_dim: int = 256
   mpe_hidden_dims: Tuple[int, int] = (4, 16)
   fine_mask_levels: Tuple[str, ...] = ()
+  decoder_strides: Tuple[int, ...] = (32, 16, 8)
 
   @nn.compact
   def __call__(self, image: jnp.ndarray, prompt_mask: Optional[jnp.ndarray] = None,
@@ -150,15 +156,22 @@ class AIMSModel(nn.Module):
         fine = fine + prompts[4]  # [B, H/2, W/2, C]
     level_features = {level: fine if level in self.fine_mask_levels else mask_features
                       for level in LEVELS}  # each [B, H/s, W/s, M]
+    by_stride = {32: multi_scale[0], 16: multi_scale[1], 8: multi_scale[2], 4: mask_features}
+    strides = tuple(self.decoder_strides)
+    if not strides or not set(strides) <= set(by_stride) or list(strides) != sorted(
+        set(strides), reverse=True):
+      raise ValueError(f'AIMSModel: decoder_strides {strides} must be distinct strides from '
+                       f'{sorted(by_stride, reverse=True)}, low resolution (large stride) first')
+    attended_maps = [by_stride[s] for s in strides]  # each [B, H/s, W/s, C]
 
     decoders, memory, tgt, query_pos, preds = {}, {}, {}, {}, {}
     for level, nq in zip(LEVELS, self.num_queries):
       decoders[level] = LevelDecoder(
-          num_queries=nq, hidden_dim=self.hidden_dim, input_dim=multi_scale[0].shape[-1],
+          num_queries=nq, hidden_dim=self.hidden_dim, input_dim=attended_maps[0].shape[-1],
           mask_dim=mask_features.shape[-1], num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-          num_layers=self.dec_layers, num_feature_levels=len(multi_scale),
+          num_layers=self.dec_layers, num_feature_levels=len(attended_maps),
           pre_norm=self.pre_norm, dropout=self.dropout, name=f'{level}_decoder')
-      memory[level] = decoders[level].memory(multi_scale)  # per scale [B, hw, D]
+      memory[level] = decoders[level].memory(attended_maps)  # per scale [B, hw, D]
       tgt[level], query_pos[level] = decoders[level].initial_queries(b)  # [B, Q, D] x 2
       # logits [B, Q], masks [B, Q, H/s, W/s], embedding [B, Q, D]
       preds[level] = [decoders[level].predict(tgt[level], level_features[level])]
@@ -194,7 +207,7 @@ class AIMSModel(nn.Module):
 # config.model keys read by `build_aims_model` (besides `name`, `backbone`, `pixel_decoder`).
 _MODEL_KEYS = ('num_queries', 'hidden_dim', 'num_heads', 'ffn_dim', 'dec_layers', 'pre_norm',
                'dropout', 'use_mpe', 'use_tcm', 'use_am', 'assoc_dim', 'mpe_hidden_dims',
-               'fine_mask_levels')
+               'fine_mask_levels', 'decoder_strides')
 
 
 def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
@@ -209,7 +222,7 @@ def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
       every level or (part, entity, relation)), hidden_dim, num_heads,
       ffn_dim, dec_layers, pre_norm, dropout, use_mpe, use_tcm, use_am,
       assoc_dim, mpe_hidden_dims, fine_mask_levels (the pixel decoder outputs
-      stride-2 mask features exactly when these are non-empty).
+      stride-2 mask features exactly when these are non-empty), decoder_strides.
 
   Returns:
     The AIMSModel.
@@ -238,4 +251,5 @@ def build_aims_model(model_config: ml_collections.ConfigDict) -> AIMSModel:
   fields = {k: model_config[k] for k in _MODEL_KEYS if k != 'num_queries'}
   fields['mpe_hidden_dims'] = tuple(fields['mpe_hidden_dims'])
   fields['fine_mask_levels'] = fine_mask_levels
+  fields['decoder_strides'] = tuple(fields['decoder_strides'])
   return AIMSModel(num_queries=tuple(num_queries), **subs, **fields)
