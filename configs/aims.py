@@ -99,10 +99,13 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
   # The paper's decoders attend to F_5, F_4, F_3 (strides 32 / 16 / 8): 32x32 to 128x128 cells
   # at 1024 px, but 4x4 to 16x16 on the 128 px runlocal canvas, where a query's masked attention
   # region covers many small parts. runlocal attends one scale finer (F_4, F_3, F_2). Main
-  # command, seed 0: AP_entity / AP_part / AP_relation / AR_ep / AR_re 58.7 / 29.8 / 32.8 /
-  # 30.4 / 48.6 against 56.0 / 22.7 / 28.9 / 23.4 / 43.2; part recall at IoU 0.50:0.95 (any
-  # predicted part) 44.2 against 40.6; 18:48 against 18:27 wall clock (12.7 against 11.1
-  # GFLOP per step).
+  # command (AP_entity / AP_part / AP_relation / AR_ep / AR_re), against (32, 16, 8) on the
+  # same seeds: seed 0 58.7 / 29.8 / 32.8 / 30.4 / 48.6 against 56.0 / 22.7 / 28.9 / 23.4 /
+  # 43.2, seed 1 58.8 / 26.5 / 29.6 / 28.9 / 44.0 against 60.5 / 24.1 / 33.2 / 25.6 / 48.2,
+  # seed 2 69.5 / 37.5 / 36.6 / 40.6 / 59.6 against 60.2 / 26.9 / 33.9 / 26.3 / 48.9; mean
+  # 62.3 / 31.3 / 33.0 / 33.3 / 50.7 against 58.9 / 24.6 / 32.0 / 25.1 / 46.8 (parts and
+  # AR_ep up on every seed). Seed-0 part recall at IoU 0.50:0.95 (any predicted part) 44.2
+  # against 40.6. 18:48 against 18:27 wall clock (12.7 against 11.1 GFLOP per step).
   config.model.decoder_strides = (16, 8, 4) if runlocal else (32, 16, 8)
 
   config.loss = ml_collections.ConfigDict({
