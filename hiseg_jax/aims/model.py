@@ -156,7 +156,7 @@ class AIMSModel(nn.Module):
         fine = fine + prompts[4]  # [B, H/2, W/2, C]
     level_features = {level: fine if level in self.fine_mask_levels else mask_features
                       for level in LEVELS}  # each [B, H/s, W/s, M]
-    by_stride = {32: multi_scale[0], 16: multi_scale[1], 8: multi_scale[2], 4: mask_features}
+    by_stride = {h // x.shape[1]: x for x in multi_scale + [mask_features]}  # F'_5 .. F'_2
     strides = tuple(self.decoder_strides)
     if not strides or not set(strides) <= set(by_stride) or list(strides) != sorted(
         set(strides), reverse=True):
