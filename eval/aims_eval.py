@@ -10,7 +10,11 @@ from the training canvas `config.image_size`) and run once with the full-image p
 inference, `hiseg_jax.aims.inference.one_step`, top `config.eval.top_k` per level, scores decayed
 by Matrix NMS when `config.eval.mask_nms` is "matrix", as given when "none"); the kept masks'
 logits are upsampled to the canvas, cut to the image's window, resized (bilinear) to the original
-image size and binarised there (`to_original`).
+image size and binarised there (`to_original`). The masks of the levels in
+`config.eval.split_components` are then split into their connected components
+(`hiseg_jax.postprocess.components.split_components`; each component scored by its mask's score
+times its share of the mask's area, with its query's association row and column); the papers'
+inference splits nothing (`()`).
 
 Files, under the output folder (`W/eval/<step>/` in training, `--out` of `eval.evaluate`): for
 each subset `<subset>/<level>_gt.json` (class-agnostic COCO ground truth,
@@ -24,7 +28,7 @@ scores = association probability × both mask scores.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -39,6 +43,7 @@ from eval import association
 from eval import coco_eval
 from eval import writers
 from hiseg_jax import config_validation
+from hiseg_jax.postprocess import components
 from hiseg_jax.postprocess import resize
 from hiseg_jax.train import sharding
 
@@ -46,6 +51,11 @@ from hiseg_jax.train import sharding
 MASK_NMS = ('none', 'matrix')
 # config.eval.image_size must be a multiple of the backbone's largest stride.
 CANVAS_MULTIPLE = 32
+
+# config.eval.split_components: the levels whose predicted masks are split into their connected
+# components (`hiseg_jax.postprocess.components`). Relation masks, unions of two entities, are
+# disconnected by nature.
+SPLIT_LEVELS = ('part', 'entity')
 
 # Subset name -> (config.eval key, the two levels (higher, lower), association output key).
 SUBSETS = {
@@ -134,6 +144,41 @@ def association_ground_truth(record: records_lib.ImageRecord, levels: Sequence[s
   return stack(high), stack(low), np.asarray(pairs, np.int64).reshape(-1, 2)
 
 
+def image_predictions(pred: Dict[str, Any], levels: Sequence[str], assoc_key: str,
+                      canvas: int, window: Sequence[int], size: Sequence[int],
+                      split_levels: Sequence[str]
+                      ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray],
+                                 Optional[np.ndarray]]:
+  """One image's binary masks and scores per level at its original size, and their association.
+
+  Args:
+    pred: one image's one-step inference outputs: per level {'mask_logits': [K, h, w] on the
+      S x S canvas, 'scores': [K]}, and `assoc_key` [K_high, K_low] when the model has it.
+    levels: (higher, lower) level.
+    assoc_key: the association output of the two levels.
+    canvas: canvas side S.
+    window: (h_img, w_img) the image's window on the canvas.
+    size: original (H, W).
+    split_levels: levels whose masks are split into their connected components.
+
+  Returns:
+    (masks {level: bool [K', H, W]}, scores {level: [K']}, association [K'_high, K'_low] or
+    None): a split mask's components each take its query's association row (column).
+  """
+  masks, scores, query = {}, {}, {}
+  for level in levels:
+    masks[level] = to_original(pred[level]['mask_logits'], canvas, window, size)  # [K, H, W]
+    scores[level] = np.asarray(pred[level]['scores'])  # [K]
+    query[level] = np.arange(len(scores[level]))  # [K]
+    if level in split_levels:
+      masks[level], scores[level], query[level] = components.split_components(
+          masks[level], scores[level])  # [K', H, W], [K'], [K']
+  assoc = None
+  if assoc_key in pred:
+    assoc = np.asarray(pred[assoc_key])[query[levels[0]]][:, query[levels[1]]]  # [K'_h, K'_l]
+  return masks, scores, assoc
+
+
 def check_eval_config(config: ml_collections.ConfigDict) -> None:
   """Checks `config.eval` (the trainer runs this at start, through the AIMS spec).
 
@@ -143,11 +188,13 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: listing unknown or missing keys of `config.eval`, a `mask_nms` outside
       `MASK_NMS`, a `top_k` that is not a positive int, an `image_size` that is not a positive
-      multiple of `CANVAS_MULTIPLE`, and subset datasets that are not in `config.datasets`.
+      multiple of `CANVAS_MULTIPLE`, a `split_components` that is not a tuple of distinct
+      levels from `SPLIT_LEVELS`, and subset datasets that are not in `config.datasets`.
   """
   if 'eval' not in config:
     raise ValueError('config.eval: missing (the AIMS evaluation section)')
-  expected = {'top_k', 'mask_nms', 'image_size'} | {key for key, _, _ in SUBSETS.values()}
+  expected = ({'top_k', 'mask_nms', 'image_size', 'split_components'}
+              | {key for key, _, _ in SUBSETS.values()})
   problems = config_validation.key_problems('config.eval', config.eval.keys(), expected)
   if not problems:
     if config.eval.mask_nms not in MASK_NMS:
@@ -161,6 +208,11 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         or size % CANVAS_MULTIPLE):
       problems.append(f'config.eval.image_size must be a positive multiple of '
                       f'{CANVAS_MULTIPLE}, got {size!r}')
+    split = config.eval.split_components
+    if (not isinstance(split, (tuple, list)) or len(set(split)) != len(split)
+        or not set(split) <= set(SPLIT_LEVELS)):
+      problems.append(f'config.eval.split_components must be a tuple of distinct levels from '
+                      f'{SPLIT_LEVELS}, got {split!r}')
     for key, _, _ in SUBSETS.values():
       name = config.eval[key]
       if not isinstance(name, str) or (name and name not in config.datasets):
@@ -220,19 +272,19 @@ def _evaluate_subset(predict, variables, config, sources, dataset_name: str,
         continue
       record = source[by_id[int(image_id)]]
       records.append(record)
-      masks = {}
+      image_pred = jax.tree.map(lambda x: x[b], pred)
+      masks, scores, assoc = image_predictions(image_pred, levels, assoc_key, canvas,
+                                               windows[b], sizes[b],
+                                               config.eval.split_components)
       for level in levels:
-        masks[level] = to_original(pred[level]['mask_logits'][b], canvas, windows[b],
-                                   sizes[b])  # [K, H, W]
         results[level] += writers.coco_instance_results(
-            int(image_id), masks[level], pred[level]['scores'][b], np.ones(len(masks[level])))
-      if assoc_key in pred:
+            int(image_id), masks[level], scores[level], np.ones(len(masks[level])))
+      if assoc is not None:
         gt_high, gt_low, gt_pairs = association_ground_truth(record, levels)
-        pairs, scores = association.pair_scores(pred[assoc_key][b],
-                                                pred[levels[0]]['scores'][b],
-                                                pred[levels[1]]['scores'][b])
+        pairs, pair_scores = association.pair_scores(assoc, scores[levels[0]],
+                                                     scores[levels[1]])
         assoc_images.append(association.AssociationImage(
-            gt_high, gt_low, gt_pairs, masks[levels[0]], masks[levels[1]], pairs, scores))
+            gt_high, gt_low, gt_pairs, masks[levels[0]], masks[levels[1]], pairs, pair_scores))
   metrics = {}
   for level in levels:
     gt = writers.class_agnostic_ground_truth(records, level)

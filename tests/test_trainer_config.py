@@ -144,6 +144,7 @@ def test_bad_aims_eval_config_fails_before_training(tmp_path):
   config.eval.top_k = 0
   config.eval.image_size = 100
   config.eval.entity_part = 'ppp_vall'
+  config.eval.split_components = ('part', 'relation')
   with pytest.raises(ValueError) as error:
     trainer.train_and_evaluate(config, str(tmp_path))
   message = str(error.value)
@@ -151,7 +152,9 @@ def test_bad_aims_eval_config_fails_before_training(tmp_path):
                    'config.eval.top_k must be an int >= 1, got 0',
                    'config.eval.image_size must be a positive multiple of 32, got 100',
                    "config.eval.entity_part must be '' or one of config.datasets",
-                   "got 'ppp_vall'"]:
+                   "got 'ppp_vall'",
+                   'config.eval.split_components must be a tuple of distinct levels from '
+                   "('part', 'entity'), got ('part', 'relation')"]:
     assert expected in message, (expected, message)
   assert os.listdir(tmp_path) == []
 
