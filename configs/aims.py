@@ -176,10 +176,10 @@ def get_config(arg: str = "runlocal") -> ml_collections.ConfigDict:
       # mask then becomes a prediction of its own (`hiseg_jax/postprocess/components.py`; our
       # addition, the papers split nothing). `python -m eval.evaluate` on the main command's
       # checkpoints of the `decoder_strides` comment above (seeds 0 / 1 / 2; AP_entity / AP_part
-      # / AP_relation / AR_ep / AR_re), split against not: 61.3 / 39.9 / 32.8 / 41.0 / 49.4 against 58.7 / 29.8
-      # / 32.8 / 30.4 / 48.6; 62.2 / 36.2 / 29.6 / 40.2 / 46.6 against 58.8 / 26.5 / 29.6 / 28.9
-      # / 44.0; 72.0 / 43.3 / 36.6 / 48.7 / 61.1 against 69.5 / 37.5 / 36.6 / 40.6 / 59.6.
-      # Parts only: AR_ep 36.5 / 34.3 / 45.8; entities only: AR_ep 32.9 / 32.7 / 42.2.
+      # / AP_relation / AR_ep / AR_re), split against not: 61.3 / 39.9 / 32.8 / 41.0 / 49.4
+      # against 58.7 / 29.8 / 32.8 / 30.4 / 48.6; 62.2 / 36.2 / 29.6 / 40.2 / 46.6 against 58.8
+      # / 26.5 / 29.6 / 28.9 / 44.0; 72.0 / 43.3 / 36.6 / 48.7 / 61.1 against 69.5 / 37.5 / 36.6
+      # / 40.6 / 59.6. Parts only: AR_ep 36.5 / 34.3 / 45.8; entities only: 32.9 / 32.7 / 42.2.
       "split_components": ("part", "entity") if runlocal else (),
       # Evaluation canvas side (a multiple of 32). runlocal evaluates its 128 px images enlarged
       # to 192 px, the top of its training scale range (x1.5), where small parts span more
