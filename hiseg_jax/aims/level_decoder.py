@@ -2,7 +2,8 @@
 
 AIMS (Sec. 3.1, Eq. 2-3) gives each level (part, entity, relation) its own
 decoder of cascaded blocks, masked cross-attention -> self-attention -> FFN,
-refining learnable queries against the multi-scale features F_3..F_5, with a
+refining learnable queries against the multi-scale features F_3..F_5 (the
+model's `decoder_strides` can shift them one scale finer), with a
 class-agnostic objectness head and a mask head on F_2. Where the paper is
 silent we follow Mask2Former (the base of the authors' entity segmenter):
 post-norm layers (or pre-norm by flag), learnable query features and query
@@ -199,7 +200,7 @@ class LevelDecoder(nn.Module):
   Attributes:
     num_queries: queries Q of this level.
     hidden_dim: query width D.
-    input_dim: width of the multi-scale features F_3..F_5.
+    input_dim: width of the attended feature maps (F_3..F_5 in the paper).
     mask_dim: width of the mask features F_2.
     num_heads: attention heads.
     ffn_dim: FFN hidden width.
